@@ -1,0 +1,45 @@
+"""poc-lora: Noisy AdamW training and PoC merging of LoRA adapters.
+
+Public API (imported lazily, so ``import poc_lora`` does not pull in torch):
+
+    >>> from poc_lora import NoisyAdamW, merge_adapters  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "NoisyAdamW": "poc_lora.optim",
+    "create_noisy_optimizer": "poc_lora.trainer",
+    "NoiseScaleCallback": "poc_lora.trainer",
+    "NoisyAdamWTrainer": "poc_lora.trainer",
+    "merge_adapters": "poc_lora.merge",
+    "MergeReport": "poc_lora.merge",
+    "train_adapter": "poc_lora.train",
+    "train_ensemble": "poc_lora.ensemble",
+    "run_pipeline": "poc_lora.pipeline",
+    "PocLoraError": "poc_lora.errors",
+    "ConfigError": "poc_lora.errors",
+    "DataError": "poc_lora.errors",
+    "AdapterError": "poc_lora.errors",
+    "OutputError": "poc_lora.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'poc_lora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,1 @@
+"""Prompt templates, instruction data, and the synthetic commonsense suites."""

@@ -1,0 +1,1 @@
+"""Mean-field two-layer networks trained by MFLD (the paper\x27s theory experiments)."""

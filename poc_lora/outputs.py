@@ -1,0 +1,91 @@
+"""Atomic output: build results in a temporary sibling, rename at the end.
+
+Every command that writes a directory or a file goes through these helpers, so an
+interrupted or failed run never leaves a half-written result behind, and an existing
+result is only replaced when the user asked for it (``overwrite=True``).
+
+Example:
+    >>> from poc_lora.outputs import atomic_output_dir
+    >>> with atomic_output_dir("out/merged", overwrite=False) as tmp:  # doctest: +SKIP
+    ...     (tmp / "adapter_config.json").write_text("{}")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import OutputError
+
+
+def check_output_path(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Return ``output`` as a Path, or raise :class:`OutputError` if it exists and
+    ``overwrite`` is false. Call it before any expensive work so the user learns early."""
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``output``; on success it becomes ``output``.
+
+    On any exception the temporary directory is removed and ``output`` is left as it was.
+    With ``overwrite`` an existing ``output`` is replaced only after the new one is complete.
+    """
+    out = check_output_path(output, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        # Move the old result aside first: a crash between the two renames leaves the
+        # old result recoverable under its .old name rather than nothing at all.
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same directory + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (the project's machine-readable format), atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
