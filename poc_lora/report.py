@@ -130,3 +130,85 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def plot_heatmap(
+    values: Sequence[Sequence[float]],
+    row_labels: Sequence[Any],
+    col_labels: Sequence[Any],
+    path: str | os.PathLike,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    colorbar_label: str = "",
+) -> Path:
+    """Save a heat map of ``values[row][col]`` (rows bottom to top) with labelled axes and a
+    colour bar, as PNG at ``path``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(col_labels) + 2), max(3.0, 0.35 * len(row_labels) + 1.5)))
+    image = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    return save_figure(fig, path)
+
+
+def plot_lines(
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    path: str | os.PathLike,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    ncols: int = 3,
+) -> Path:
+    """Save line plots as PNG: one panel per key of ``panels`` (``ncols`` per row, shared y
+    axis), each holding curves ``{label: (x, y)}`` with a legend."""
+    plt = _pyplot()
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), sharey=True, squeeze=False)
+    for ax, (panel_title, curves) in zip(axes.flat, panels.items()):
+        for label, (x, y) in curves.items():
+            ax.plot(list(x), list(y), marker=".", label=str(label))
+        ax.set_title(panel_title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_grouped_bars(
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    ylabel: str = "",
+    title: str = "",
+) -> Path:
+    """Save a grouped bar chart as PNG: one group per entry of ``groups`` (e.g. suites), one bar
+    per series (e.g. "LoRA (best)", "LoRA (ave.)", "PoC merge") with a legend."""
+    plt = _pyplot()
+    n = max(len(series), 1)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 3.8))
+    for k, (label, values) in enumerate(series.items()):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(groups))]
+        ax.bar(xs, list(values), width=width, label=str(label))
+    ax.set_xticks(range(len(groups)), list(groups), rotation=0)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    # below the axes, so the legend never hides a bar
+    ax.legend(fontsize="small", ncol=min(n, 4), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    return save_figure(fig, path)

@@ -1,0 +1,239 @@
+"""Tests of poc_lora.mfnn: drift, noise, merge, data, experiments, CLI, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from poc_lora.cli import main as cli_main
+from poc_lora.errors import ConfigError
+from poc_lora.mfnn.config import CONFIG_FILES, PAPER_SETTINGS, resolve_settings
+from poc_lora.mfnn.data import double_circle, multi_index
+from poc_lora.mfnn.experiments import merge_sup_errors, run_figure1, run_figure2, run_table2
+from poc_lora.mfnn.mfld import Cell, MFLDSettings, drift, drift_autograd, train_cells, train_mfld
+from poc_lora.mfnn.model import init_particles, merge, predict, prune
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _direct_outputs(particles: torch.Tensor, z: torch.Tensor, R: float) -> torch.Tensor:
+    """f_b(z_j) = mean_i R tanh(x3) tanh(x1 . z_j + x2), written out independently of the model."""
+    d = z.shape[1]
+    x1, x2, x3 = particles[..., :d], particles[..., d], particles[..., d + 1]
+    pre = torch.einsum("bnd,jd->bnj", x1, z) + x2[..., None]
+    return (R * torch.tanh(x3)[..., None] * torch.tanh(pre)).mean(dim=1)
+
+
+def _objective(particles, z, y, s: MFLDSettings) -> torch.Tensor:
+    f = _direct_outputs(particles, z, s.R)
+    if s.loss == "logistic":
+        loss = torch.log1p(torch.exp(-y * f)).mean(-1)
+    else:
+        loss = 0.5 * ((f - y) ** 2).mean(-1)
+    return loss + s.weight_decay * (particles**2).sum(-1).mean(-1)
+
+
+# ------------------------------------------------------------------------ drift, noise
+@pytest.mark.parametrize("loss", ["logistic", "squared"])
+def test_drift_equals_n_times_gradient(loss):
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(30, 3, generator=gen, dtype=torch.float64)
+    y = torch.sign(torch.randn(30, generator=gen, dtype=torch.float64)) if loss == "logistic" else \
+        3 * torch.randn(30, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 9, 5, generator=gen, dtype=torch.float64)
+    s = MFLDSettings(eta=0.1, lam=0.01, weight_decay=0.3, epochs=1, loss=loss, R=10.0)
+    ours = drift(x, z, y, s)
+    torch.testing.assert_close(ours, drift_autograd(x, z, y, s), rtol=1e-9, atol=1e-10)
+    # central finite differences of N * objective, on a few coordinates
+    width, eps = x.shape[1], 1e-6
+    for b, i, k in [(0, 0, 0), (1, 4, 3), (0, 8, 4), (1, 2, 2)]:
+        plus, minus = x.clone(), x.clone()
+        plus[b, i, k] += eps
+        minus[b, i, k] -= eps
+        fd = width * (_objective(plus, z, y, s)[b] - _objective(minus, z, y, s)[b]) / (2 * eps)
+        assert math.isclose(ours[b, i, k].item(), fd.item(), rel_tol=1e-5, abs_tol=1e-7)
+
+
+def test_one_step_noise_has_variance_2_lambda_eta():
+    gen = torch.Generator().manual_seed(2)
+    data = double_circle(seed=0)
+    s = MFLDSettings(eta=0.05, lam=0.2, weight_decay=0.1, epochs=1, loss="logistic")
+    x0 = torch.randn(4, 5000, 4, generator=gen, dtype=torch.float64)
+    x1 = x0.clone()
+    train_mfld(x1, data.z_train.double(), data.y_train.double(), s, torch.Generator().manual_seed(3))
+    residual = (x1 - (x0 - s.eta * drift(x0, data.z_train.double(), data.y_train.double(), s))).flatten()
+    n, target = residual.numel(), 2 * s.lam * s.eta
+    assert abs(residual.mean().item()) < 5 * math.sqrt(target / n)
+    # the sample variance of n Gaussians has standard deviation target * sqrt(2 / (n - 1))
+    assert abs(residual.var().item() - target) < 5 * target * math.sqrt(2 / (n - 1))
+    # and lam = 0 is plain gradient descent
+    x2 = x0.clone()
+    train_mfld(x2, data.z_train.double(), data.y_train.double(), MFLDSettings(0.05, 0.0, 0.1, 1, "logistic"))
+    torch.testing.assert_close(x2, x0 - 0.05 * drift(x0, data.z_train.double(), data.y_train.double(),
+                                                      MFLDSettings(0.05, 0.0, 0.1, 1, "logistic")))
+
+
+# ------------------------------------------------------------------------ merge, prune
+def test_merge_is_the_average_of_the_networks():
+    gen = torch.Generator().manual_seed(4)
+    nets = init_particles(5, 30, d=2, generator=gen, dtype=torch.float64)
+    z = torch.randn(11, 2, generator=gen, dtype=torch.float64)
+    singles = _direct_outputs(nets, z, 10.0)  # (5, 11)
+    merged = merge(nets)
+    assert merged.shape == (1, 150, 4)
+    torch.testing.assert_close(predict(merged, z)[0], singles.mean(0))
+    torch.testing.assert_close(predict(nets, z), singles)
+    # networks of different widths: every particle weighs 1 / (total particles)
+    wide = init_particles(1, 70, d=2, generator=gen, dtype=torch.float64)
+    expected = (30 * singles[0] + 70 * _direct_outputs(wide, z, 10.0)[0]) / 100
+    torch.testing.assert_close(predict(merge([nets[0], wide]), z)[0], expected)
+
+
+def test_prune_keeps_distinct_particles_of_each_network():
+    nets = init_particles(3, 40, d=2, generator=torch.Generator().manual_seed(5))
+    pruned = prune(nets, 10, torch.Generator().manual_seed(6))
+    assert pruned.shape == (3, 10, 4)
+    for b in range(3):
+        rows = {tuple(r.tolist()) for r in nets[b]}
+        kept = [tuple(r.tolist()) for r in pruned[b]]
+        assert len(set(kept)) == 10 and set(kept) <= rows
+    with pytest.raises(ValueError):
+        prune(nets, 41)
+
+
+def test_merge_sup_errors_endpoints():
+    gen = torch.Generator().manual_seed(7)
+    preds, ref = torch.randn(6, 9, generator=gen), torch.randn(9, generator=gen)
+    errors = merge_sup_errors(preds, ref, num_draws=200, generator=gen)
+    singles = (preds - ref).abs().amax(-1)
+    assert errors.shape == (6,)
+    assert math.isclose(errors[-1].item(), (preds.mean(0) - ref).abs().max().item(), rel_tol=1e-6)
+    assert singles.min() <= errors[0] <= singles.max()
+    assert abs(errors[0].item() - singles.mean().item()) < 0.25 * singles.std().item()
+
+
+# -------------------------------------------------------------------------------- data
+def test_double_circle():
+    data = double_circle(seed=0)
+    assert data.z_train.shape == (160, 2) and data.z_test.shape == (40, 2)
+    y = torch.cat([data.y_train, data.y_test])
+    z = torch.cat([data.z_train, data.z_test])
+    assert set(y.tolist()) == {-1.0, 1.0} and (y == 1).sum() == 100
+    assert 0.25 < (data.y_test == 1).float().mean() < 0.75  # shuffled before the split
+    r_inner, r_outer = z[y == -1].norm(dim=1), z[y == 1].norm(dim=1)
+    assert abs(r_inner.mean() - 1) < 0.05 and abs(r_outer.mean() - 2) < 0.05
+    assert r_inner.max() < 1.5 < r_outer.min()
+    assert torch.equal(double_circle(seed=0).z_test, data.z_test)
+    assert not torch.equal(double_circle(seed=1).z_test, data.z_test)
+
+
+def test_multi_index():
+    data = multi_index(seed=0)
+    assert data.z_train.shape == (400, 100) and data.z_test.shape == (100, 100)
+    z = torch.cat([data.z_train, data.z_test]).double()
+    y = torch.cat([data.y_train, data.y_test]).double()
+    norms = z.norm(dim=1)
+    assert norms.max() <= 5 + 1e-5
+    assert abs(norms.mean().item() - 5 * 100 / 101) < 0.05  # uniform in the ball: E r = R d / (d + 1)
+    torch.testing.assert_close(y, torch.tanh(z).sum(1), rtol=1e-5, atol=1e-4)  # (100 / 100) sum_j tanh z_j
+    small = multi_index(n=50, d=10, k=3, rbar=6.0, radius=2.0, seed=1)
+    zs = torch.cat([small.z_train, small.z_test])
+    torch.testing.assert_close(torch.cat([small.y_train, small.y_test]), 2.0 * torch.tanh(zs[:, :3]).sum(1))
+    assert zs.norm(dim=1).max() <= 2 + 1e-6
+
+
+# ---------------------------------------------------------------------- determinism
+def test_cells_do_not_depend_on_thread_count():
+    data = double_circle(seed=0)
+    s = MFLDSettings(eta=0.1, lam=0.01, weight_decay=0.1, epochs=15, loss="logistic")
+    cells = [Cell(("N", 40), 9, 40, s), Cell(("wide",), 1, 300, s)]
+    one = train_cells(cells, data, seed=3, workers=1, progress=False)
+    two = train_cells(cells, data, seed=3, workers=2, progress=False)
+    alone = train_cells(cells[1:], data, seed=3, workers=2, progress=False)
+    for a, b in zip(one, two):
+        assert torch.equal(a.particles, b.particles)
+    assert torch.equal(one[1].particles, alone[0].particles)  # a cell's result ignores the other cells
+    other = train_cells(cells[:1], data, seed=4, progress=False)
+    assert not torch.equal(one[0].particles, other[0].particles)
+
+
+# ----------------------------------------------------------------- experiments, CLI
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_figure1_quick_writes_files_and_shows_the_trends(tmp_path):
+    out = tmp_path / "mfnn"
+    assert cli_main(["mfnn", "figure1", "--quick", "--output", str(out)]) == 0
+    for ext in ("csv", "md", "png", "json"):
+        assert (out / f"figure1_classification.{ext}").stat().st_size > 0
+    rows = _read_csv(out / "figure1_classification.csv")
+    quick = PAPER_SETTINGS["figure1_classification"]["quick"]
+    assert list(rows[0]) == ["task", "N", "M", "log_sup_norm"]
+    assert len(rows) == len(quick["widths"]) * quick["num_networks"]
+    value = {(int(r["N"]), int(r["M"])): float(r["log_sup_norm"]) for r in rows}
+    m_max, widths = quick["num_networks"], quick["widths"]
+    for n in widths:
+        assert value[(n, m_max)] < value[(n, 1)] - 0.3  # merging many networks is clearly closer
+    mean_over_m = {n: sum(value[(n, m)] for m in range(1, m_max + 1)) / m_max for n in widths}
+    assert mean_over_m[max(widths)] < mean_over_m[min(widths)]
+    meta = json.loads((out / "figure1_classification.json").read_text())
+    assert meta["settings"]["widths"] == widths and meta["settings"]["quick_mode"] is True
+    assert meta["timing"]["wall_time_s"] > 0 and meta["summary"]["m_trend"] is True
+    # refuses to overwrite, then overwrites when asked
+    assert cli_main(["mfnn", "figure1", "--quick", "--output", str(out)]) == 1
+    assert cli_main(["mfnn", "figure1", "--quick", "--output", str(out), "--overwrite"]) == 0
+
+
+def test_figure1_is_deterministic_by_seed(tmp_path):
+    small = {"wide_width": 300, "widths": [10, 30], "num_networks": 4, "num_draws": 5, "epochs": 20}
+    texts = []
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        run_figure1("classification", config=small, output=tmp_path / name, seed=seed, progress=False)
+        texts.append((tmp_path / name / "figure1_classification.csv").read_text())
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
+def test_lambda_grid_quick(tmp_path):
+    small = {"widths": [20, 40], "num_networks": 3, "lams": [0.1, 0.001], "data": {"n": 100, "d": 10, "k": 10}}
+    fig2 = run_figure2(config=small, output=tmp_path, progress=False)
+    rows = _read_csv(tmp_path / "figure2.csv")
+    assert list(rows[0]) == ["lambda", "N", "epoch", "log_mse"] and len(rows) == 2 * 2 * 6 == len(fig2["rows"])
+    assert (tmp_path / "figure2.png").stat().st_size > 0
+    run_table2(config=small, output=tmp_path, progress=False)
+    rows = _read_csv(tmp_path / "table2.csv")
+    assert list(rows[0]) == ["lambda", "N", "mse"] and len(rows) == 4
+    assert all(float(r["mse"]) > 0 for r in rows)
+    md = (tmp_path / "table2.md").read_text()
+    assert "| 0.1 |" in md and "(0.9132)" not in md  # paper values only beside the paper's widths
+    assert json.loads((tmp_path / "table2.json").read_text())["settings"]["lams"] == [0.1, 0.001]
+
+
+# ------------------------------------------------------------------------------ config
+def test_config_files_match_the_paper_settings():
+    for experiment, name in CONFIG_FILES.items():
+        loaded = yaml.safe_load((REPO / "configs" / "mfnn" / name).read_text())
+        key = experiment if experiment.startswith("figure1") else "lambda_grid"
+        assert loaded == PAPER_SETTINGS[key], name
+
+
+def test_bad_config_key_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eta: 0.1\nepoch: 5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'epoch'"):
+        resolve_settings("figure1_classification", bad)
+    with pytest.raises(ConfigError, match=r"'data\.radius'"):
+        resolve_settings("figure1_classification", {"data": {"radius": 3}})
+    with pytest.raises(ConfigError, match=r"'quick\.widht'"):
+        resolve_settings("lambda_grid", {"quick": {"widht": [3]}})
+    with pytest.raises(ConfigError, match=r"'eta'"):
+        resolve_settings("lambda_grid", {"eta": -1})
+    assert cli_main(["mfnn", "table2", "--config", str(bad), "--output", str(tmp_path / "o")]) == 1
+    assert not (tmp_path / "o").exists()
