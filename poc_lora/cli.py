@@ -128,12 +128,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default="all", help="all, or comma-separated suite names")
     p.add_argument("--data-dir", required=True, help="directory holding <suite>/test.json")
     p.add_argument("--mode", choices=["generate", "rank"], default="generate")
-    p.add_argument("--template", default=None, help="prompt template if the adapter records none")
+    p.add_argument("--template", default=None, help="prompt template for adapters that record none (default: llm-adapters)")
     p.add_argument("--limit", type=int, default=None, help="first N examples per suite")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4-bit (bitsandbytes)")
+    p.add_argument("--dtype", default="auto", help="base model dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--include-base", action="store_true",
+                   help="also evaluate the plain base model (default: only when no adapter is given)")
     p.add_argument("--output", "-o", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="recompute finished suite/model pairs")
     p.set_defaults(func=_run_eval)
@@ -159,11 +162,14 @@ def _add_mfnn(sub: argparse._SubParsersAction) -> None:
                        ("table2", "test MSE of the merge of 20 networks, beside the paper's")]:
         e = exp.add_parser(name, help=text, description=text)
         if name == "figure1":
-            e.add_argument("--task", choices=["classification", "regression"], default="classification")
-        e.add_argument("--config", default=None, help="YAML settings (default configs/mfnn/*.yaml)")
+            e.add_argument("--task", choices=["classification", "regression"], default=None,
+                           help="default: the config's task, else classification")
+        e.add_argument("--config", default=None,
+                       help="YAML overriding the paper's settings (templates: configs/mfnn/*.yaml)")
         e.add_argument("--output", "-o", default="results/mfnn", help="output directory")
         e.add_argument("--quick", action="store_true", help="a reduced grid (tests, CI)")
         e.add_argument("--seed", type=int, default=None, help="override the config's seed")
+        e.add_argument("--overwrite", action="store_true", help="replace existing result files")
     p.set_defaults(func=_run_mfnn)
 
 

@@ -1,0 +1,407 @@
+"""Evaluate a base model, its adapters and their merges on the commonsense suites.
+
+The base model is loaded once. Each adapter (and each merged adapter) is then attached with
+PEFT, evaluated on every suite, and dropped again before the next one is attached, so memory
+stays at one base model plus one adapter. A merged *full* model is just another base model.
+
+Output layout (``output``)::
+
+    <model>/<suite>/predictions.jsonl   one line per example (index, prompt_sha256, generated
+                                        text or candidate scores, prediction, label, correct)
+    <model>/<suite>/summary.json        accuracy, unparsed count, settings, timing
+    summary.json                        every model and suite, averages, mode, templates, timing
+    results.md, results.csv             the paper's table layout (SIQA ... HellaSwag, Ave.)
+
+A finished suite/model pair (its ``summary.json`` exists with the same settings) is skipped on
+a re-run; ``overwrite=True`` recomputes it. Different settings in the same output are refused.
+
+Example:
+    >>> from eval_harness import evaluate
+    >>> result = evaluate("poc-lora/tiny-llama", adapters=["runs/a0", "runs/a1"],
+    ...                   merged_adapters=["runs/merged"], data_dir="data/synthetic",
+    ...                   mode="rank", output="results/eval")  # doctest: +SKIP
+    >>> result["models"]["merged"]["average"]  # doctest: +SKIP
+    0.91
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from poc_lora.errors import AdapterError, ConfigError, OutputError
+from poc_lora.outputs import atomic_write_text, write_json
+
+from .data import file_sha256, load_suite, suite_file
+from .scoring import (CANDIDATE_FORMAT, candidate_labels, extract_answer, generate_responses, rank_prediction,
+                      rank_scores)
+from .suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
+
+logger = logging.getLogger(__name__)
+
+MODES = ("generate", "rank")
+# Used when an adapter records no template and none is given: the reference scorer's exact
+# strings, which is what adapters trained with the reference implementation (the paper's) expect.
+DEFAULT_TEMPLATE = "llm-adapters"
+KIND_LABELS = {"base": "Base model", "adapter": "LoRA", "merged": "Merged"}
+
+
+@dataclass
+class ModelSpec:
+    """One model to evaluate: the base alone, or the base with one adapter attached."""
+
+    key: str  # output sub-directory and table name
+    kind: str  # "base" | "adapter" | "merged"
+    adapter: Path | None
+    template: Any  # PromptTemplate
+    template_source: str
+    adapter_sha256: str | None = None
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def _adapter_template(adapter: Path | None, fallback: str | None) -> tuple[Any, str]:
+    from poc_lora.data.templates import TEMPLATE_RECORD_FILE, get_template, template_hash
+
+    record_path = adapter / TEMPLATE_RECORD_FILE if adapter else None
+    if record_path is not None and record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+            template = get_template(record["prompt_template"])
+        except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
+            raise AdapterError(f"{record_path}: cannot use its 'prompt_template': {exc}") from exc
+        if record.get("prompt_template_sha256") not in (None, template_hash(template)):
+            logger.warning("%s: template %r changed since training (hash differs)", record_path, template.name)
+        return template, str(record_path)
+    if fallback:
+        return get_template(fallback), "--template"
+    return get_template(DEFAULT_TEMPLATE), "default"
+
+
+def _weights_sha256(adapter: Path) -> str:
+    files = sorted(p for p in adapter.iterdir() if p.name.startswith("adapter_model."))
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(file_sha256(p).encode())
+    return digest.hexdigest()
+
+
+def _model_specs(base_model: str, adapters: Sequence[str | Path], merged: Sequence[str | Path],
+                 template: str | None, include_base: bool | None) -> list[ModelSpec]:
+    specs: list[ModelSpec] = []
+    if include_base or (include_base is None and not adapters and not merged):
+        tpl, source = _adapter_template(None, template)
+        specs.append(ModelSpec(_safe_name(Path(base_model).name), "base", None, tpl, source))
+    for kind, dirs in (("adapter", adapters), ("merged", merged)):
+        for d in dirs:
+            path = Path(d)
+            if not (path / "adapter_config.json").is_file():
+                raise AdapterError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+            tpl, source = _adapter_template(path, template)
+            specs.append(ModelSpec(_safe_name(path.name), kind, path, tpl, source, _weights_sha256(path)))
+    seen: dict[str, int] = {}
+    for spec in specs:  # unique keys: a0/adapter, a1/adapter -> adapter, adapter-2
+        seen[spec.key] = seen.get(spec.key, 0) + 1
+        if seen[spec.key] > 1:
+            spec.key = f"{spec.key}-{seen[spec.key]}"
+    return specs
+
+
+class _ModelHolder:
+    """Loads the base model on first use and attaches one adapter at a time (PEFT)."""
+
+    def __init__(self, base_model: str, dtype: str, load_in_4bit: bool):
+        self.base_model, self.dtype, self.load_in_4bit = base_model, dtype, load_in_4bit
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.active: str | None = None
+        self.load_seconds = 0.0
+
+    def _load_base(self) -> None:
+        import torch
+
+        from poc_lora.models import load_model, load_tokenizer
+
+        start = time.perf_counter()
+        device_map = {"": 0} if torch.cuda.is_available() else None
+        self.model = load_model(self.base_model, self.dtype, load_in_4bit=self.load_in_4bit, device_map=device_map)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(self.base_model, padding_side="left")
+        self.load_seconds += time.perf_counter() - start
+
+    def get(self, spec: ModelSpec, index: int) -> Any:
+        if self.model is None:
+            self._load_base()
+        name = f"a{index}"
+        if self.active == name:
+            return self.model
+        if spec.adapter is None:
+            if self.active is not None:
+                raise RuntimeError("the base model is evaluated before any adapter is attached")
+            return self.model
+        from peft import PeftModel
+
+        start = time.perf_counter()
+        try:
+            if self.active is None:
+                self.model = PeftModel.from_pretrained(self.model, str(spec.adapter), adapter_name=name)
+            else:
+                self.model.load_adapter(str(spec.adapter), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            detail = " ".join(str(exc).split())[:400]
+            raise AdapterError(
+                f"adapter {spec.adapter} does not fit the base model {self.base_model}: {detail}"
+            ) from exc
+        self.model.set_adapter(name)
+        if self.active is not None:
+            self.model.delete_adapter(self.active)  # keep one adapter in memory
+        self.active = name
+        self.model.eval()
+        self.load_seconds += time.perf_counter() - start
+        return self.model
+
+
+def _settings(spec: ModelSpec, suite: Suite, data_dir: Path, base_model: str, opts: dict[str, Any]) -> dict[str, Any]:
+    from poc_lora.data.templates import template_hash
+
+    settings = {
+        "mode": opts["mode"],
+        "base_model": base_model,
+        "adapter": str(spec.adapter) if spec.adapter else None,
+        "adapter_sha256": spec.adapter_sha256,
+        "template": spec.template.name,
+        "template_sha256": template_hash(spec.template),
+        "data_file": str(suite_file(data_dir, suite)),
+        "data_sha256": file_sha256(suite_file(data_dir, suite)),
+        "limit": opts["limit"],
+        "dtype": opts["dtype"],
+        "load_in_4bit": opts["load_in_4bit"],
+    }
+    if opts["mode"] == "generate":
+        settings.update(num_beams=opts["num_beams"], max_new_tokens=opts["max_new_tokens"])
+    else:
+        settings.update(completion_format=CANDIDATE_FORMAT)
+    return settings
+
+
+def _finished(path: Path, settings: dict[str, Any], overwrite: bool) -> bool:
+    """True if ``path`` (a pair's summary.json) holds a result for these exact settings."""
+    if overwrite or not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text()).get("settings", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        logger.warning("%s is unreadable; recomputing this pair", path)
+        return False
+    if old != settings:
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise OutputError(
+            f"{path} was computed with other settings ({', '.join(diff)}); "
+            "pass --overwrite (overwrite=True) or use another output directory"
+        )
+    return True
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _score_suite(model: Any, tokenizer: Any, spec: ModelSpec, suite: Suite, records: list[dict[str, str]],
+                 opts: dict[str, Any]) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    prompts = [spec.template.eval_prompt(r) for r in records]
+    with tqdm(total=len(records), desc=f"{spec.key}/{suite.name}", unit="ex", leave=False) as bar:
+        if opts["mode"] == "generate":
+            texts = generate_responses(
+                model, tokenizer, prompts, batch_size=opts["batch_size"], num_beams=opts["num_beams"],
+                max_new_tokens=opts["max_new_tokens"], response_split=spec.template.response_split,
+                progress=bar.update,
+            )
+            outputs = [{"generated": t, "prediction": extract_answer(suite, t)} for t in texts]
+        else:
+            cands = [candidate_labels(suite, r["instruction"]) for r in records]
+            scores = rank_scores(model, tokenizer, prompts, cands, batch_size=opts["batch_size"], progress=bar.update)
+            outputs = [{"scores": s, "prediction": rank_prediction(s)} for s in scores]
+    return [
+        {"index": i, "prompt_sha256": _sha(p), **o, "label": r["answer"], "correct": o["prediction"] == r["answer"]}
+        for i, (p, r, o) in enumerate(zip(prompts, records, outputs))
+    ]
+
+
+def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[str, Any]],
+                settings: dict[str, Any], seconds: float) -> dict[str, Any]:
+    atomic_write_text(pair_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    correct = sum(r["correct"] for r in rows)
+    summary = {
+        "model": spec.key,
+        "kind": spec.kind,
+        "suite": suite.name,
+        "n": len(rows),
+        "correct": correct,
+        "accuracy": correct / len(rows),
+        "unparsed": sum(r["prediction"] is None for r in rows),
+        "seconds": round(seconds, 3),
+        "examples_per_second": round(len(rows) / seconds, 3) if seconds > 0 else None,
+        "settings": settings,
+    }
+    write_json(pair_dir / "summary.json", summary)  # written last: marks the pair as finished
+    return summary
+
+
+def _table(models: dict[str, dict[str, Any]], suites: list[Suite]) -> list[dict[str, Any]]:
+    from poc_lora.report import comparison_rows
+
+    pct = {
+        key: {**{s.column: 100 * m["suites"][s.name]["accuracy"] for s in suites}, AVERAGE_COLUMN: 100 * m["average"]}
+        for key, m in models.items()
+    }
+    rows = [{"Method": KIND_LABELS[m["kind"]], "Model": key, **pct[key]} for key, m in models.items()]
+    singles = [k for k, m in models.items() if m["kind"] == "adapter"]
+    merges = [k for k, m in models.items() if m["kind"] == "merged"]
+    if singles and merges:
+        labels = {k: "PoC merge" if len(merges) == 1 else f"PoC merge ({k})" for k in merges}
+        columns = [s.column for s in suites] + [AVERAGE_COLUMN]
+        rows += comparison_rows({k: pct[k] for k in singles + merges}, columns, labels, AVERAGE_COLUMN)
+    return rows
+
+
+def evaluate(
+    base_model: str,
+    adapters: Sequence[str | Path] = (),
+    merged_adapters: Sequence[str | Path] = (),
+    *,
+    data_dir: str | Path,
+    output: str | Path,
+    tasks: str | Sequence[str] = "all",
+    mode: str = "generate",
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_beams: int = 4,
+    max_new_tokens: int = 32,
+    template: str | None = None,
+    include_base: bool | None = None,
+    dtype: str = "auto",
+    load_in_4bit: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``base_model`` alone and/or with each adapter and merged adapter; write the results.
+
+    Args:
+        base_model: hub id or path (a merged full model is passed here too).
+        adapters: PEFT adapter directories, evaluated one after the other ("LoRA" rows).
+        merged_adapters: merged adapter directories ("PoC merge" row when ``adapters`` are given).
+        data_dir: holds ``<suite>/test.json`` (LLM-Adapters layout).
+        output: result directory (created; existing finished pairs are reused).
+        tasks: ``"all"`` or suite names (comma-separated string or list).
+        mode: ``"generate"`` (the paper's beam search + label extraction) or ``"rank"``
+            (argmax log-likelihood of "the correct answer is <label>").
+        limit: evaluate the first ``limit`` examples of each suite.
+        template: prompt template for adapters that record none (default ``llm-adapters``).
+        include_base: also evaluate the plain base; default: only when no adapter is given.
+        overwrite: recompute finished suite/model pairs.
+
+    Returns:
+        ``{"mode", "base_model", "data_dir", "tasks", "models": {key: {"kind", "adapter",
+        "template", "template_source", "suites": {suite: pair summary}, "average"}}, "table":
+        rows, "files": {...}, "seconds": {...}}``; accuracies are fractions, the table is in %.
+
+    Example:
+        >>> evaluate("poc-lora/tiny-llama", data_dir="data", output="out", tasks="boolq",
+        ...          mode="rank")["models"]["tiny-llama"]["average"]  # doctest: +SKIP
+        0.5
+    """
+    start = time.perf_counter()
+    suites = parse_tasks(tasks)
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    for name, value in (("batch_size", batch_size), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    data_dir, output = Path(data_dir), Path(output)
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"output {output} exists and is not a directory")
+    # Everything the user can get wrong is checked before the (slow) model load.
+    data = {s.name: load_suite(data_dir, s, limit) for s in suites}
+    # A single path passed without a list is one adapter, not a sequence of characters.
+    adapters, merged_adapters = ([a] if isinstance(a, (str, Path)) else list(a) for a in (adapters, merged_adapters))
+    specs = _model_specs(base_model, adapters, merged_adapters, template, include_base)
+    opts = dict(mode=mode, limit=limit, batch_size=batch_size, num_beams=num_beams,
+                max_new_tokens=max_new_tokens, dtype=dtype, load_in_4bit=load_in_4bit)
+    holder = _ModelHolder(base_model, dtype, load_in_4bit)
+    models: dict[str, dict[str, Any]] = {}
+    for index, spec in enumerate(specs):
+        summaries: dict[str, Any] = {}
+        for suite in suites:
+            pair_dir = output / spec.key / suite.name
+            settings = _settings(spec, suite, data_dir, base_model, opts)
+            if _finished(pair_dir / "summary.json", settings, overwrite):
+                logger.info("skipping %s/%s: already evaluated", spec.key, suite.name)
+                summaries[suite.name] = json.loads((pair_dir / "summary.json").read_text())
+                continue
+            model = holder.get(spec, index)
+            t0 = time.perf_counter()
+            rows = _score_suite(model, holder.tokenizer, spec, suite, data[suite.name], opts)
+            summaries[suite.name] = _write_pair(pair_dir, spec, suite, rows, settings, time.perf_counter() - t0)
+            logger.info("%s/%s: accuracy %.4f", spec.key, suite.name, summaries[suite.name]["accuracy"])
+        models[spec.key] = {
+            "kind": spec.kind,
+            "adapter": str(spec.adapter) if spec.adapter else None,
+            "template": spec.template.name,
+            "template_source": spec.template_source,
+            "suites": summaries,
+            "average": sum(s["accuracy"] for s in summaries.values()) / len(summaries),
+            "unparsed": sum(s["unparsed"] for s in summaries.values()),
+        }
+    from poc_lora.report import write_table
+
+    rows = _table(models, suites)
+    md, csv = write_table(output / "results", ["Method", "Model", *TABLE_COLUMNS], rows)
+    result = {
+        "mode": mode,
+        "base_model": base_model,
+        "data_dir": str(data_dir),
+        "tasks": [s.name for s in suites],
+        "models": models,
+        "table": rows,
+        "files": {"summary": str(output / "summary.json"), "results_md": str(md), "results_csv": str(csv)},
+        "seconds": {"model_loading": round(holder.load_seconds, 3), "total": round(time.perf_counter() - start, 3)},
+    }
+    write_json(output / "summary.json", result)
+    return result
+
+
+def main_eval(args: argparse.Namespace) -> int:
+    """``poc-lora eval``: run :func:`evaluate` with the CLI's arguments and print the table."""
+    from poc_lora.report import markdown_table
+
+    result = evaluate(
+        args.base_model,
+        args.adapter,
+        args.merged_adapter,
+        data_dir=args.data_dir,
+        output=args.output,
+        tasks=args.tasks,
+        mode=args.mode,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        template=args.template,
+        include_base=True if getattr(args, "include_base", False) else None,
+        dtype=getattr(args, "dtype", "auto"),
+        load_in_4bit=args.load_in_4bit,
+        overwrite=args.overwrite,
+    )
+    print(markdown_table(["Method", "Model", *TABLE_COLUMNS], result["table"]))
+    print(f"\nresults: {result['files']['results_md']}, {result['files']['summary']}")
+    return 0

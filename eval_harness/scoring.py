@@ -1,0 +1,266 @@
+"""Scoring: the paper's generation rule and a fast log-likelihood ranking.
+
+*generate* (paper-compatible): beam search (4 beams, at most 32 new tokens, no sampling), the
+response is the generated text up to any further ``### Response:`` marker, and the prediction is
+:func:`extract_answer` of it. Prompts are batched with left padding; examples are processed in
+order of length (less padding) and put back in their original order, so predictions do not
+depend on the batch size (tested against batch size 1 in fp32).
+
+*rank* (fast): for every example, the log-likelihood of each candidate completion
+``"the correct answer is <label>"`` given the prompt; the prediction is the argmax. The prompt
+is run once per example and its KV cache is gathered into one row per candidate, so only the
+few completion tokens are computed per candidate. No generation.
+
+Example:
+    >>> extract_answer("boolq", "the correct answer is trueness")
+    'true'
+    >>> extract_answer("piqa", "Solution1") is None
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from typing import Any, Callable, Sequence
+
+from .suites import Suite, get_suite
+
+logger = logging.getLogger(__name__)
+
+# The completion ranked in rank mode: the reference training data's ``output`` field reads like this.
+CANDIDATE_FORMAT = "the correct answer is {label}"
+
+
+@functools.lru_cache(maxsize=None)
+def _label_pattern(labels: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(label) for label in labels))
+
+
+def _as_suite(suite: Suite | str) -> Suite:
+    return suite if isinstance(suite, Suite) else get_suite(suite)
+
+
+def extract_answer(suite: Suite | str, text: str) -> str | None:
+    """The first label word of ``suite`` found in ``text``, or None (unparsed, counted wrong).
+
+    The rule of the reference scorer (LLM-Adapters ``commonsense_evaluate.py``), kept exactly:
+    a plain, case-sensitive *substring* search for an alternation of the label words, leftmost
+    match first. So ``"trueness"`` yields ``"true"``, ``"True"`` yields nothing, and
+    ``"solution2 or solution1"`` yields ``"solution2"``. At the same position the label listed
+    first wins. SIQA, ARC and OBQA search ``answer1``..``answer5`` whatever their number of
+    options (:attr:`Suite.search_labels`), so ``"answer5"`` on a 3-option question is parsed
+    (and wrong), not unparsed.
+
+    Example:
+        >>> extract_answer("social_i_qa", "I think answer5, not answer1")
+        'answer5'
+    """
+    match = _label_pattern(_as_suite(suite).search_labels).search(text or "")
+    return match.group(0) if match else None
+
+
+def candidate_labels(suite: Suite | str, instruction: str) -> tuple[str, ...]:
+    """The labels ranked for one example: those whose option line appears in the instruction.
+
+    ARC questions carry 3 to 5 options while the suite's label set has five; ranking an option
+    that does not exist would only add a way to be wrong. Suites without option lines (BoolQ),
+    or instructions where fewer than two option lines are found, rank every label.
+    """
+    suite = _as_suite(suite)
+    if not suite.option_prefix:
+        return suite.labels
+    present = tuple(
+        label for i, label in enumerate(suite.labels, 1) if f"{suite.option_prefix}{i}:" in instruction
+    )
+    return present if len(present) >= 2 else suite.labels
+
+
+def _length_order(lengths: Sequence[int]) -> list[int]:
+    # Longest first: similar lengths share a batch (little padding) and a memory problem shows
+    # up in the first batch rather than after an hour.
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _position_ids(attention_mask: Any) -> Any:
+    # Left padding: real tokens get positions 0..n-1 exactly as without padding.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _model_device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _forward_kwargs(model: Any) -> tuple[str, str | None]:
+    """The names this transformers version uses for the KV cache argument and for "logits of the
+    last positions only" (v5 renamed ``past_key_values`` to ``cache``)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    cache = "cache" if "cache" in params else "past_key_values"
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    return cache, keep
+
+
+def generation_config(tokenizer: Any, num_beams: int = 4, max_new_tokens: int = 32) -> Any:
+    """The reference's decoding: plain beam search (its temperature/top_p/top_k are inert
+    without sampling, so they are left out); the model's own generation defaults are ignored."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def generate_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    num_beams: int = 4,
+    max_new_tokens: int = 32,
+    response_split: str = "### Response:",
+    progress: Callable[[int], Any] | None = None,
+) -> list[str]:
+    """Beam-search responses for ``prompts``, in their order (the text after the prompt, cut at
+    the first EOS and at any further ``response_split`` marker, stripped).
+
+    Example:
+        >>> generate_responses(model, tok, ["### Response:\\n"], batch_size=1)  # doctest: +SKIP
+        ['the correct answer is true']
+    """
+    import torch
+
+    config = generation_config(tokenizer, num_beams, max_new_tokens)
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    out: list[str] = [""] * len(prompts)
+    device = _model_device(model)
+    for batch in _batches(_length_order(lengths), batch_size):
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left")
+        enc = enc.to(device)
+        with torch.inference_mode():
+            seqs = model.generate(**enc, generation_config=config)
+        new = seqs[:, enc["input_ids"].shape[1] :].tolist()
+        for i, ids in zip(batch, new):
+            if tokenizer.eos_token_id in ids:  # batched rows are padded after their EOS
+                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            out[i] = text.split(response_split)[0].strip()
+        if progress:
+            progress(len(batch))
+    return out
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _split_candidates(tokenizer: Any, prompt: str, completions: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the shared context and of each continuation.
+
+    The completions are tokenised *together with* the prompt (as in training), and the context is
+    the longest token prefix all of them share with the prompt. Usually that is the whole prompt;
+    when a tokenizer merges across the boundary, the continuation starts a token earlier, and
+    comparing continuations given the shared prefix still compares the joint likelihoods.
+    """
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full = tokenizer([prompt + c for c in completions])["input_ids"]
+    shared = min(min(_common_prefix(prompt_ids, f), len(f) - 1) for f in full)
+    if shared < 1:
+        raise ValueError("rank mode needs at least one shared context token (e.g. BOS) before the completion")
+    return prompt_ids[:shared], [f[shared:] for f in full]
+
+
+def rank_scores(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 8,
+    completion_format: str = CANDIDATE_FORMAT,
+    progress: Callable[[int], Any] | None = None,
+) -> list[dict[str, float]]:
+    """Summed log-probability of ``completion_format.format(label=...)`` for each candidate label.
+
+    ``candidates[i]`` are the labels of ``prompts[i]``; returns ``[{label: logprob}, ...]`` in
+    prompt order. ``batch_size`` prompts are run together (left-padded); their KV cache is then
+    gathered into one row per (prompt, candidate) and all continuations run in one batch.
+
+    Example:
+        >>> rank_scores(model, tok, [prompt], [("true", "false")])  # doctest: +SKIP
+        [{'true': -1.3, 'false': -2.9}]
+    """
+    import torch
+
+    split = [
+        _split_candidates(tokenizer, p, [completion_format.format(label=c) for c in cands])
+        for p, cands in zip(prompts, candidates)
+    ]
+    pad = tokenizer.pad_token_id
+    device = _model_device(model)
+    cache_arg, keep_arg = _forward_kwargs(model)
+    # Only the prompt's last position is needed: skipping the other logits saves batch x length
+    # x vocabulary floats (GBs for a 128k vocabulary).
+    last_only = {keep_arg: 1} if keep_arg else {}
+    scores: list[dict[str, float]] = [{} for _ in prompts]
+    for batch in _batches(_length_order([len(s[0]) for s in split]), batch_size):
+        ctx = [split[i][0] for i in batch]
+        width = max(map(len, ctx))
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctx], device=device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctx], device=device)
+        with torch.inference_mode():
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=True, **last_only
+            )
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's 1st token
+            rows = [(b, k) for b, i in enumerate(batch) for k in range(len(split[i][1]))]
+            conts = [split[batch[b]][1][k] for b, k in rows]
+            row_index = torch.tensor([b for b, _ in rows], device=device)
+            total = first[row_index, torch.tensor([c[0] for c in conts], device=device)]
+            rest = max(len(c) for c in conts) - 1
+            if rest > 0:
+                # Feed tokens 1..n-1 of each continuation (right-padded) on the gathered cache.
+                cache = out[cache_arg]
+                cache.reorder_cache(row_index)
+                feed = torch.tensor([c[:-1] + [pad] * (rest + 1 - len(c)) for c in conts], device=device)
+                target = torch.tensor([c[1:] + [pad] * (rest + 1 - len(c)) for c in conts], device=device)
+                valid = torch.tensor([[1] * (len(c) - 1) + [0] * (rest + 1 - len(c)) for c in conts], device=device)
+                row_mask = torch.cat([mask[row_index], torch.ones_like(valid)], dim=1)
+                ctx_len = mask[row_index].sum(-1, keepdim=True)
+                pos = ctx_len + torch.arange(rest, device=device)
+                logits = model(
+                    input_ids=feed, attention_mask=row_mask, position_ids=pos, use_cache=False, **{cache_arg: cache}
+                ).logits
+                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                total = total + (logp * valid).sum(-1)
+        for (b, k), value in zip(rows, total.tolist()):
+            i = batch[b]
+            scores[i][candidates[i][k]] = value
+        if progress:
+            progress(len(batch))
+    return scores
+
+
+def rank_prediction(scores: dict[str, float]) -> str:
+    """The argmax label (ties go to the label listed first)."""
+    return max(scores, key=scores.__getitem__)

@@ -1,0 +1,257 @@
+"""eval_harness: extraction rule, both scoring modes, the runner's outputs, resume and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from eval_harness import evaluate, extract_answer
+from eval_harness.data import load_suite
+from eval_harness.scoring import candidate_labels, generate_responses, rank_scores
+from eval_harness.suites import SUITES, TABLE_COLUMNS
+from poc_lora.cli import main as cli_main
+from poc_lora.data.synthetic import write_synthetic_commonsense
+from poc_lora.data.templates import TEMPLATE_RECORD_FILE, get_template, template_record
+from poc_lora.errors import AdapterError, ConfigError, DataError, OutputError
+from poc_lora.models import build_tiny_model, load_model, load_tokenizer
+
+TASKS = "boolq,piqa"
+
+
+def _make_adapter(base_dir, out, seed, template=None, r=4):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_model(str(base_dir), "float32"),
+                           LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # lora_B starts at zero; randomise it so adapters change the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(out)
+    if template:
+        (out / TEMPLATE_RECORD_FILE).write_text(json.dumps(template_record(get_template(template))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    base = build_tiny_model(root / "tiny")
+    data = write_synthetic_commonsense(root / "data", train_per_suite=1, test_per_suite=8)
+    return {
+        "root": root,
+        "base": base,
+        "data": data,
+        "a0": _make_adapter(base, root / "a0", 1, template="alpaca"),
+        "a1": _make_adapter(base, root / "a1", 2),
+        "merged": _make_adapter(base, root / "merged", 3, template="alpaca"),
+    }
+
+
+@pytest.fixture(scope="module")
+def plain(env):
+    return load_model(str(env["base"]), "float32").eval(), load_tokenizer(str(env["base"]))
+
+
+def _prompts(env, suites=("ARC-Challenge", "boolq", "hellaswag"), n=3, template="alpaca"):
+    tpl = get_template(template)
+    recs = [(s, r) for s in suites for r in load_suite(env["data"], s, limit=n)]
+    return [tpl.eval_prompt(r) for _, r in recs], [candidate_labels(s, r["instruction"]) for s, r in recs]
+
+
+# ------------------------------------------------------------------------------ extraction
+@pytest.mark.parametrize(
+    "suite, text, expected",
+    [
+        ("boolq", "the correct answer is true", "true"),
+        ("boolq", "trueness", "true"),  # substring inside another word still counts
+        ("boolq", "untrue", "true"),
+        ("boolq", "false, not true", "false"),  # several labels: the first by position
+        ("piqa", "solution2 or solution1", "solution2"),
+        ("boolq", "True", None),  # case-sensitive
+        ("hellaswag", "Ending3", None),
+        ("winogrande", "", None),
+        ("ARC-Easy", "no idea", None),
+        ("social_i_qa", "answer5", "answer5"),  # answer1..answer5 searched whatever the options
+        ("openbookqa", "xanswer4y", "answer4"),
+    ],
+)
+def test_extract_answer(suite, text, expected):
+    assert extract_answer(suite, text) == expected
+    assert extract_answer(SUITES[suite], text) == expected
+
+
+def test_candidate_labels_follow_the_option_lines():
+    assert candidate_labels("ARC-Easy", "Q\n\nAnswer1: a\n\nAnswer2: b\n\nAnswer3: c") == ("answer1", "answer2", "answer3")
+    assert candidate_labels("boolq", "anything") == ("true", "false")
+    assert candidate_labels("piqa", "no options here") == ("solution1", "solution2")
+
+
+# ------------------------------------------------------------------------------ scoring
+def test_generate_is_batch_size_invariant(env, plain):
+    model, tok = plain
+    prompts, _ = _prompts(env, n=2)
+    one = generate_responses(model, tok, prompts, batch_size=1, num_beams=4, max_new_tokens=6)
+    many = generate_responses(model, tok, prompts, batch_size=4, num_beams=4, max_new_tokens=6)
+    assert one == many
+    assert all(one)
+
+
+def test_rank_scores_match_an_independent_full_forward(env, plain):
+    model, tok = plain
+    prompts, cands = _prompts(env)
+    got = rank_scores(model, tok, prompts, cands, batch_size=4)
+    single = rank_scores(model, tok, prompts, cands, batch_size=1)
+    for prompt, labels, scores, scores1 in zip(prompts, cands, got, single):
+        n_prompt = len(tok(prompt)["input_ids"])
+        for label in labels:
+            ids = torch.tensor([tok(prompt + f"the correct answer is {label}")["input_ids"]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            expected = sum(logp[t - 1, ids[0, t]].item() for t in range(n_prompt, ids.shape[1]))
+            assert scores[label] == pytest.approx(expected, abs=1e-4)
+            assert scores1[label] == pytest.approx(expected, abs=1e-4)
+        assert max(scores, key=scores.get) == max(scores1, key=scores1.get)
+
+
+# ------------------------------------------------------------------------------ runner
+@pytest.fixture(scope="module")
+def ranked(env):
+    out = env["root"] / "out-rank"
+    result = evaluate(str(env["base"]), [env["a0"], env["a1"]], [env["merged"]], data_dir=env["data"],
+                      output=out, tasks=TASKS, mode="rank", limit=6, batch_size=4)
+    return out, result
+
+
+def test_runner_outputs_and_paper_rows(env, ranked):
+    out, result = ranked
+    with open(out / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == ["Method", "Model", *TABLE_COLUMNS]
+    assert TABLE_COLUMNS[:3] == ("SIQA", "PIQA", "WinoGrande") and TABLE_COLUMNS[-1] == "Ave."
+    assert [r["Method"] for r in table] == ["LoRA", "LoRA", "Merged", "LoRA (best)", "LoRA (ave.)", "PoC merge"]
+    accs = {}
+    for key in ("a0", "a1", "merged"):
+        per_suite = {}
+        for suite in ("boolq", "piqa"):
+            rows = [json.loads(line) for line in (out / key / suite / "predictions.jsonl").read_text().splitlines()]
+            assert len(rows) == 6 and {"index", "prompt_sha256", "scores", "prediction", "label", "correct"} <= set(rows[0])
+            per_suite[SUITES[suite].column] = 100 * sum(r["prediction"] == r["label"] for r in rows) / 6
+        accs[key] = {**per_suite, "Ave.": sum(per_suite.values()) / 2}
+    by_model = {r["Model"]: r for r in table[:3]}
+    for key, acc in accs.items():
+        for col, value in acc.items():
+            assert float(by_model[key][col]) == pytest.approx(value)
+        assert by_model[key]["SIQA"] == ""  # not evaluated
+    best = max(["a0", "a1"], key=lambda k: accs[k]["Ave."])
+    assert float(table[3]["Ave."]) == pytest.approx(accs[best]["Ave."]) and table[3]["Model"] == best
+    assert float(table[4]["BoolQ"]) == pytest.approx((accs["a0"]["BoolQ"] + accs["a1"]["BoolQ"]) / 2)
+    assert float(table[5]["PIQA"]) == pytest.approx(accs["merged"]["PIQA"])
+    models = json.loads((out / "summary.json").read_text())["models"]
+    assert models["a0"]["template"] == "alpaca" and models["a1"]["template"] == "llm-adapters"
+    assert models["a1"]["template_source"] == "default"
+    md_rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(md_rows) == 1 + 6 and md_rows[-1].startswith("| PoC merge | merged |")
+
+
+def test_adapter_swapping_matches_a_fresh_peft_load(env, ranked):
+    from peft import PeftModel
+
+    out, _ = ranked
+    model = PeftModel.from_pretrained(load_model(str(env["base"]), "float32"), str(env["a1"])).eval()
+    tok = load_tokenizer(str(env["base"]))
+    records = load_suite(env["data"], "piqa", limit=6)
+    tpl = get_template("llm-adapters")
+    expected = rank_scores(model, tok, [tpl.eval_prompt(r) for r in records],
+                           [candidate_labels("piqa", r["instruction"]) for r in records])
+    rows = [json.loads(line) for line in (out / "a1" / "piqa" / "predictions.jsonl").read_text().splitlines()]
+    other = [json.loads(line) for line in (out / "a0" / "piqa" / "predictions.jsonl").read_text().splitlines()]
+    for row, exp, oth in zip(rows, expected, other):
+        assert row["scores"] == pytest.approx(exp, abs=1e-4)
+        assert row["scores"] != pytest.approx(oth["scores"], abs=1e-3)  # the adapters differ
+
+
+def test_resume_skips_finished_pairs(env, ranked, monkeypatch):
+    import eval_harness.runner as runner
+
+    out, first = ranked
+    pred = out / "a0" / "boolq" / "predictions.jsonl"
+    mtime = pred.stat().st_mtime_ns
+    calls = []
+    real = runner._score_suite
+    monkeypatch.setattr(runner, "_score_suite", lambda *a, **k: calls.append(a[3].name) or real(*a, **k))
+    monkeypatch.setattr(runner._ModelHolder, "_load_base", lambda self: pytest.fail("model loaded on resume"))
+    again = evaluate(str(env["base"]), [env["a0"], env["a1"]], [env["merged"]], data_dir=env["data"],
+                     output=out, tasks=TASKS, mode="rank", limit=6, batch_size=2)
+    assert calls == [] and pred.stat().st_mtime_ns == mtime
+    assert again["table"] == first["table"]
+    with pytest.raises(OutputError, match="limit"):
+        evaluate(str(env["base"]), [env["a0"]], data_dir=env["data"], output=out, tasks=TASKS, mode="rank", limit=5)
+
+
+def test_generate_mode_through_the_cli(env, capsys):
+    out = env["root"] / "out-gen"
+    argv = ["eval", "--base-model", str(env["base"]), "--adapter", str(env["a0"]), "--data-dir", str(env["data"]),
+            "--tasks", "winogrande", "--limit", "3", "--num-beams", "2", "--max-new-tokens", "4",
+            "--batch-size", "2", "--output", str(out)]
+    assert cli_main(argv) == 0
+    assert "| LoRA | a0 |" in capsys.readouterr().out
+    summary = json.loads((out / "a0" / "winogrande" / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "a0" / "winogrande" / "predictions.jsonl").read_text().splitlines()]
+    assert summary["settings"]["mode"] == "generate" and summary["settings"]["num_beams"] == 2
+    assert summary["unparsed"] == sum(r["prediction"] is None for r in rows)
+    assert all(r["prediction"] == extract_answer("winogrande", r["generated"]) for r in rows)
+    assert summary["correct"] == sum(r["correct"] for r in rows)
+
+
+# ------------------------------------------------------------------------------ bad input
+def _broken_data(env, name, content):
+    root = env["root"] / f"bad-{name}"
+    (root / "boolq").mkdir(parents=True)
+    (root / "boolq" / "test.json").write_text(content)
+    return root
+
+
+@pytest.mark.parametrize(
+    "name, content, pattern",
+    [
+        ("empty", "[]", r"test\.json is empty"),
+        ("record", json.dumps([{"instruction": "q", "answer": "true"}] * 2 + [{"instruction": "q"}]),
+         r"test\.json: record 2 has no field 'answer'"),
+        ("label", json.dumps([{"instruction": "q", "answer": "maybe"}]), r"record 0: field 'answer' is 'maybe'"),
+        ("json", "[{", r"not valid JSON \(line 1"),
+    ],
+)
+def test_bad_test_files(env, name, content, pattern):
+    data = _broken_data(env, name, content)
+    out = env["root"] / f"out-bad-{name}"
+    with pytest.raises(DataError, match=pattern):
+        evaluate(str(env["base"]), data_dir=data, output=out, tasks="boolq", mode="rank")
+    assert not out.exists()
+
+
+def test_missing_suite_dir_and_unknown_task(env, capsys):
+    out = env["root"] / "out-missing"
+    with pytest.raises(DataError, match=r"nope[/\\]piqa[/\\]test\.json.*Getting the commonsense data"):
+        evaluate(str(env["base"]), data_dir=env["root"] / "nope", output=out, tasks="piqa", mode="rank")
+    with pytest.raises(ConfigError, match="valid tasks: social_i_qa, piqa"):
+        evaluate(str(env["base"]), data_dir=env["data"], output=out, tasks="piqa,siqa", mode="rank")
+    assert cli_main(["eval", "--base-model", str(env["base"]), "--data-dir", str(env["data"]),
+                     "--tasks", "bogus", "--output", str(out)]) == 1
+    assert "unknown task 'bogus'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_adapter_that_does_not_fit_the_base(env):
+    other = build_tiny_model(env["root"] / "tiny-32", hidden_size=32, intermediate_size=88)
+    bad = _make_adapter(other, env["root"] / "bad-adapter", 4)
+    with pytest.raises(AdapterError, match=r"bad-adapter does not fit the base model .*tiny"):
+        evaluate(str(env["base"]), [bad], data_dir=env["data"], output=env["root"] / "out-fit",
+                 tasks="boolq", mode="rank", limit=2)
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        evaluate(str(env["base"]), [env["data"]], data_dir=env["data"], output=env["root"] / "out-fit",
+                 tasks="boolq", mode="rank", limit=2)
