@@ -245,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        # bitsandbytes warns on import, on every CPU machine, about an optional kernel package;
+        # it says nothing about the user's run, so only --verbose shows it.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return int(args.func(args, extra) or 0)
     except NotImplementedCommand as exc:

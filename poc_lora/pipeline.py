@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +121,11 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def _train_overrides(cfg: PipelineConfig, output_dir: Path) -> list[str]:
-    flat = [f"--{k}={v}" if not isinstance(v, (list, dict)) else f"--{k}={v}" for k, v in cfg.train_overrides.items()]
+    flat: list[str] = []
+    for key, value in cfg.train_overrides.items():
+        if isinstance(value, (list, tuple)):  # the train CLI takes lists comma-separated
+            value = ",".join(map(str, value))
+        flat += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     return [*flat, "--output_dir", str(output_dir)]
 
 
@@ -159,8 +163,6 @@ def _merge_stage(cfg: PipelineConfig, adapters: list[Path], out: Path, retrained
 
 
 def _adapter_rank(adapter: Path) -> int:
-    import json
-
     return int(json.loads((adapter / "adapter_config.json").read_text())["r"])
 
 
@@ -172,8 +174,6 @@ def _label(method: str, cfg: PipelineConfig, adapters: list[Path]) -> str:
 def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: dict[str, Path],
             adapters: list[Path], timing: dict[str, float]) -> dict[str, Any]:
     """report.md / report.json / report.png from the evaluation's per-model accuracies."""
-    import json
-
     from eval_harness.suites import AVERAGE_COLUMN, SUITES
 
     from .outputs import atomic_write_text, write_json
@@ -260,8 +260,9 @@ def run_pipeline(
     t = time.perf_counter()
     train_cfg = load_config(cfg.train_config, _train_overrides(cfg, out / "adapters"))
     data_dir = _eval_data_dir(cfg, train_cfg)  # checked before hours of training
+    rank = int(os.environ.get("RANK", "0"))  # read first: parallel training hides the launcher's env
     ens = train_ensemble(train_cfg, cfg.num_adapters, strategy=cfg.strategy)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if rank != 0:  # the other ranks have trained their adapters; rank 0 merges and evaluates
         return {}
     timing["training"] = time.perf_counter() - t
     adapters = [Path(p) for p in ens.adapters]
