@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -58,6 +57,7 @@ from .adapters import (
 )
 from .errors import AdapterError, ConfigError
 from .outputs import atomic_output_dir, check_output_path, write_json
+from .runtime import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -609,18 +609,10 @@ class _BaseMerge:
         return per_module
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch single-threaded inside: the per-module tensors are a few MB, and on a busy
-    2-core machine every multi-threaded op waited ~8 ms for its second thread (a 1.4 MB
-    scaled copy: 3.5 ms with 2 threads, 0.2 ms with 1), which made the merge 2x slower than
-    the I/O floor. The Gram products lose at most a factor 2 on an idle machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+# Merging runs torch single-threaded (torch_threads(1)): the per-module tensors are a few MB, and
+# on a busy 2-core machine every multi-threaded op waited ~8 ms for its second thread (a 1.4 MB
+# scaled copy: 3.5 ms with 2 threads, 0.2 ms with 1), which made the merge 2x slower than the
+# I/O floor. The Gram products lose at most a factor 2 on an idle machine.
 
 
 def merge_adapters(
@@ -664,7 +656,7 @@ def merge_adapters(
         # hashing reads every input once more; a thread overlaps it with the merge
         hashes = [pool.submit(sha256_file, ad.weight_file) for ad in plan.adapters]
         gen = torch.Generator().manual_seed(seed)
-        with atomic_output_dir(output, overwrite) as tmp, _one_thread():
+        with atomic_output_dir(output, overwrite) as tmp, torch_threads(1):
             if base is not None:
                 per_module = base.write(tmp, lambda name: _merge_module(plan, name, gen),
                                         lambda key: _merge_full(plan, key))

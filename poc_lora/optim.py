@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import operator
@@ -46,6 +45,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import AdamW
+
+from .runtime import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,6 @@ def _unhooked(fn: Callable) -> Callable:
     while getattr(fn, "hooked", False):
         fn = fn.__wrapped__
     return fn
-
-
-def _mix_seed(seed: int, step: int, key: tuple) -> int:
-    """A 63-bit seed for one (run seed, step, stream) triple; well scrambled, platform independent."""
-    digest = hashlib.sha256(repr((seed, step, key)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _draw_seed() -> int:
@@ -290,7 +285,7 @@ class NoisyAdamW(AdamW):
             gen = self._generators.get((device, key[3]))
             if gen is None:
                 gen = self._generators[(device, key[3])] = torch.Generator(device=device)
-            gen.manual_seed(_mix_seed(self.noise_seed, self.noise_step, key))
+            gen.manual_seed(derive_seed(self.noise_seed, self.noise_step, key))
             self._fill_and_add(items, gen, key[2])
 
     def _fill_and_add(self, items: list[tuple[torch.Tensor, float]], gen: torch.Generator, dtype: torch.dtype) -> None:

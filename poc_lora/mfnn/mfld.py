@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..runtime import derive_seed, torch_threads
 from .data import Split
 from .model import DEFAULT_R, augmented_inputs, init_particles, predict
 
@@ -210,22 +210,6 @@ class CellResult:
     test_history: Tensor | None = None
 
 
-def derive_seed(seed: int, *keys: Any) -> int:
-    """A 63-bit seed from ``seed`` and any repr-able keys (stable across runs and platforms)."""
-    digest = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-@contextlib.contextmanager
-def _single_threaded_kernels() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def train_cells(
     cells: Sequence[Cell],
     data: Split,
@@ -276,7 +260,7 @@ def train_cells(
     # Single-threaded kernels on a CPU whatever the pool size: the same arithmetic for any
     # thread count (bit-identical results), and OpenMP barriers on these small products cost
     # more than they save, badly so on a busy machine (measured 10x slower under contention).
-    threads = _single_threaded_kernels() if on_cpu else contextlib.nullcontext()
+    threads = torch_threads(1) if on_cpu else contextlib.nullcontext()
     with tqdm(total=total, desc="MFLD particle-epochs", unit_scale=True, disable=not progress) as bar, threads:
         if workers == 1:
             for job in jobs:
@@ -293,7 +277,7 @@ def train_cells(
         if record_history:
             parts = sorted((k[1], h) for k, h in histories.items() if k[0] == ci)
             hist = torch.cat([h for _, h in parts], dim=1).cpu()
-        with _single_threaded_kernels() if on_cpu else contextlib.nullcontext():  # same sums as training
+        with torch_threads(1) if on_cpu else contextlib.nullcontext():  # same sums as training
             results.append(CellResult(cell, x.cpu(), predict(x, z_test, cell.settings.R).cpu(), hist))
     return results
 
