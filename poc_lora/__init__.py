@@ -23,6 +23,8 @@ _LAZY = {
     "MergeReport": "poc_lora.merge",
     "train_adapter": "poc_lora.train",
     "train_ensemble": "poc_lora.ensemble",
+    "load_config": "poc_lora.config",
+    "TrainConfig": "poc_lora.config",
     "run_pipeline": "poc_lora.pipeline",
     "run_figure1": "poc_lora.mfnn.experiments",
     "run_figure2": "poc_lora.mfnn.experiments",

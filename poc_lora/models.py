@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,11 @@ def resolve_model_path(name_or_path: str) -> str:
         logger.info("building the tiny offline model in %s", path)
         try:
             build_tiny_model(path)
-        except FileExistsError:  # another process built it concurrently
-            pass
+        except (OutputError, OSError):
+            # Another process built it concurrently (our rename onto its directory fails);
+            # theirs is identical (same seed), so use it.
+            if not (path / "config.json").exists():
+                raise
     return str(path)
 
 

@@ -1,0 +1,228 @@
+"""Instruction data (commonsense_170k layout): load, validate, tokenise, split, collate.
+
+Records are ``{"instruction", "input", "output"}`` (``input`` and ``answer`` optional), read from
+a JSON list, a JSONL file, or a hub dataset id via ``datasets``. Validation happens before any
+model is loaded and names the file, record index and field at fault.
+
+Tokenisation follows the reference implementation (LLM-Adapters ``finetune.py``): the prompt
+(:class:`~poc_lora.data.templates.PromptTemplate`) plus the ``output`` is tokenised with
+truncation at ``cutoff_len``; EOS is appended when it fits; with ``train_on_inputs=False`` the
+prompt's tokens get label -100 so only the response is learned. Batches are padded only to the
+longest example (rounded up to ``pad_to_multiple_of``) by ``DataCollatorForSeq2Seq``.
+
+``data_path: synthetic`` is the offline default: :func:`resolve_data_path` writes the synthetic
+commonsense suites (:mod:`poc_lora.data.synthetic`) once, keyed by their options, under
+``$POC_LORA_CACHE/synthetic-...`` and reads the training file from there (the test files for
+evaluation sit beside it).
+
+Example:
+    >>> from poc_lora.data.instructions import load_records
+    >>> records = load_records("data/commonsense_170k.json")  # doctest: +SKIP
+    >>> records[0]["instruction"][:20]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import DataError
+from .templates import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("instruction", "output")
+OPTIONAL_FIELDS = ("input", "answer")
+IGNORE_INDEX = -100
+_FILE_SUFFIXES = (".json", ".jsonl")
+
+
+def synthetic_data_dir(train_per_suite: int, test_per_suite: int, label_noise: float, seed: int) -> Path:
+    """Where :func:`resolve_data_path` keeps the synthetic suites for these options."""
+    from ..models import cache_dir
+
+    return cache_dir() / f"synthetic-tr{train_per_suite}-te{test_per_suite}-ln{label_noise:g}-s{seed}"
+
+
+def resolve_data_path(data_args: Any) -> str:
+    """``data_args.data_path``, with ``"synthetic"`` mapped to the (written on demand) synthetic
+    training file. Anything else is returned unchanged."""
+    from ..config import SYNTHETIC_DATA
+
+    if data_args.data_path != SYNTHETIC_DATA:
+        return data_args.data_path
+    from .synthetic import TRAIN_FILE, write_synthetic_commonsense
+
+    root = synthetic_data_dir(data_args.synthetic_train_per_suite, data_args.synthetic_test_per_suite,
+                              data_args.synthetic_label_noise, data_args.synthetic_seed)
+    if not (root / TRAIN_FILE).exists():
+        logger.info("writing the synthetic commonsense suites to %s", root)
+        try:
+            write_synthetic_commonsense(
+                root, train_per_suite=data_args.synthetic_train_per_suite,
+                test_per_suite=data_args.synthetic_test_per_suite,
+                label_noise=data_args.synthetic_label_noise, seed=data_args.synthetic_seed)
+        except Exception:
+            if not (root / TRAIN_FILE).exists():  # not just another process winning the race
+                raise
+    return str(root / TRAIN_FILE)
+
+
+def _read_json_file(path: Path) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read data file {path}: {exc}") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"data file {path}, line {lineno}: invalid JSON ({exc.msg})") from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"data file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if isinstance(data, dict) and isinstance(data.get("train"), list):
+        data = data["train"]
+    if not isinstance(data, list):
+        raise DataError(f"data file {path} must hold a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _read_hub_dataset(name: str, split: str) -> list[Any]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types (offline, missing, bad split)
+        raise DataError(f"data_path {name!r} is neither an existing file nor a loadable dataset "
+                        f"(split {split!r}): {type(exc).__name__}: {exc}") from None
+    return ds.to_list()
+
+
+def validate_records(records: Sequence[Any], source: str) -> list[dict[str, str]]:
+    """Check every record has string ``instruction``/``output`` (and string ``input``/``answer``
+    when present); return them with ``input`` defaulted to "". Errors name the record index."""
+    if len(records) == 0:
+        raise DataError(f"data {source} holds no records")
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"data {source}, record {i}: expected an object with fields "
+                            f"{', '.join(REQUIRED_FIELDS)}, got {type(rec).__name__}")
+        for name in REQUIRED_FIELDS:
+            if name not in rec:
+                raise DataError(f"data {source}, record {i}: missing field {name!r}")
+        for name in REQUIRED_FIELDS + OPTIONAL_FIELDS:
+            if name in rec and rec[name] is not None and not isinstance(rec[name], str):
+                raise DataError(f"data {source}, record {i}: field {name!r} must be a string, "
+                                f"got {type(rec[name]).__name__}")
+        if not rec["instruction"].strip():
+            raise DataError(f"data {source}, record {i}: field 'instruction' is empty")
+        out.append({**rec, "input": rec.get("input") or ""})
+    return out
+
+
+def load_records(data_path: str | os.PathLike, split: str = "train") -> list[dict[str, str]]:
+    """Read and validate instruction records from a JSON/JSONL file or a hub dataset id.
+
+    A path ending in .json/.jsonl (or any existing file) is read as a file; anything else that is
+    not an existing path is tried as a ``datasets`` hub id (needs the network or a local cache).
+    """
+    text = str(data_path)
+    path = Path(text)
+    if path.is_file():
+        return validate_records(_read_json_file(path), str(path))
+    if path.suffix in _FILE_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise DataError(f"data_path {path} is a directory; give the training JSON/JSONL file itself")
+        raise DataError(f"data file {path} not found")
+    return validate_records(_read_hub_dataset(text, split), text)
+
+
+def tokenize_examples(
+    records: Sequence[dict[str, str]],
+    tokenizer: Any,
+    template: PromptTemplate,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    add_eos_token: bool = True,
+) -> dict[str, list[list[int]]]:
+    """``input_ids``/``attention_mask``/``labels`` for each record (the reference's recipe).
+
+    ``labels`` equal ``input_ids`` (EOS included), except that with ``train_on_inputs=False`` the
+    tokens of the prompt alone are -100. Batched fast-tokenizer calls, no padding.
+    """
+    prompts = [template.train_prompt(r) for r in records]
+    full = tokenizer([p + r["output"] for p, r in zip(prompts, records)], truncation=True,
+                     max_length=cutoff_len, padding=False)
+    eos = tokenizer.eos_token_id
+    ids_all, mask_all, labels_all = [], [], []
+    prompt_lens = None
+    if not train_on_inputs:
+        prompt_ids = tokenizer(prompts, truncation=True, max_length=cutoff_len, padding=False)["input_ids"]
+        prompt_lens = [len(p) for p in prompt_ids]
+    for k, ids in enumerate(full["input_ids"]):
+        ids = list(ids)
+        if add_eos_token and eos is not None and (not ids or ids[-1] != eos) and len(ids) < cutoff_len:
+            ids.append(eos)
+        labels = list(ids)
+        if prompt_lens is not None:
+            n = min(prompt_lens[k], len(ids))
+            labels[:n] = [IGNORE_INDEX] * n
+        ids_all.append(ids)
+        mask_all.append([1] * len(ids))
+        labels_all.append(labels)
+    return {"input_ids": ids_all, "attention_mask": mask_all, "labels": labels_all}
+
+
+def build_datasets(records: Sequence[dict[str, str]], tokenizer: Any, template: PromptTemplate, data_args: Any) -> tuple[Any, Any]:
+    """Tokenised ``datasets.Dataset`` for training and (``val_set_size`` > 0) validation.
+
+    The split is seeded by ``data_args.val_split_seed`` (not the training seed), so every
+    member of an ensemble holds out the same records.
+    """
+    import datasets
+
+    n_val = data_args.val_set_size
+    if n_val >= len(records):
+        raise DataError(f"val_set_size={n_val} leaves no training records (the data holds {len(records)})")
+    columns = {k: [r.get(k, "") or "" for r in records] for k in ("instruction", "input", "output")}
+    ds = datasets.Dataset.from_dict(columns)
+    splits = {"train": ds, "test": None}
+    if n_val > 0:
+        splits = ds.train_test_split(test_size=n_val, shuffle=True, seed=data_args.val_split_seed)
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        recs = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        return tokenize_examples(recs, tokenizer, template, data_args.cutoff_len,
+                                 data_args.train_on_inputs, data_args.add_eos_token)
+
+    def prepare(split: Any) -> Any:
+        if split is None:
+            return None
+        return split.map(tokenize, batched=True, remove_columns=split.column_names,
+                         desc="tokenising", load_from_cache_file=False)
+
+    return prepare(splits["train"]), prepare(splits["test"])
+
+
+def data_collator(tokenizer: Any, pad_to_multiple_of: int | None = 8) -> Any:
+    """Pads each batch to its longest example (rounded up), labels with -100."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=pad_to_multiple_of or None,
+                                  return_tensors="pt", padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
+__all__ = [
+    "IGNORE_INDEX", "build_datasets", "data_collator", "load_records", "resolve_data_path",
+    "synthetic_data_dir", "tokenize_examples", "validate_records",
+]

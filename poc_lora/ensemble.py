@@ -1,0 +1,263 @@
+"""M adapters trained independently (seeds seed+j), sequentially or one per process, then merged.
+
+Layout under the config's ``output_dir``::
+
+    adapter_<j>/      a plain PEFT adapter directory per member j = 0..M-1 (see poc_lora.train)
+    merged/           with --merge: the PoC merge of all M (poc_lora.merge) + merge_report.json
+    ensemble.json     what was trained: seeds, noise seeds, strategy
+
+Member j's training seed (LoRA init, dropout), data order and noise seed are all derived from
+``seed + j`` (``data_seed`` and ``noise_seed`` too when set), so adapter j is the same whichever
+strategy trained it, up to floating-point reduction order.
+
+Strategies:
+
+* ``sequential``: one process trains j = 0, 1, ..., M-1, loading the base model once: each
+  member gets a fresh LoRA (``get_peft_model``) and ``unload()`` removes it afterwards, so no
+  LoRA state leaks into the next member.
+* ``parallel``: under ``accelerate launch --num_processes G`` (or ``torchrun``), rank g trains
+  the members j = g (mod G) on its own device, with no communication during training: each
+  rank hides the distributed environment from Trainer (which then neither wraps the model in
+  DDP nor averages gradients) and sees only its own GPU. Completion is signalled through the
+  launcher's rendezvous store; rank 0 waits for all ranks, then merges. Works across nodes
+  (accelerate's multi-node launch) when ``output_dir`` is on a shared filesystem.
+
+Rerunning the same command resumes: finished members (``poc_lora_train.json`` present) are
+skipped, an interrupted one continues from its last checkpoint.
+
+Example:
+    >>> from poc_lora.ensemble import train_ensemble
+    >>> res = train_ensemble("configs/train/tiny_cpu.yaml", 4, merge=True,
+    ...                      overrides=["--output_dir", "runs/ens"])  # doctest: +SKIP
+    >>> res.merged  # doctest: +SKIP
+    PosixPath('runs/ens/merged')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import TrainConfig, load_config
+from .errors import ConfigError, PocLoraError
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("sequential", "parallel")
+MERGED_DIR = "merged"
+MANIFEST = "ensemble.json"
+# Set by torchrun / accelerate launch; removed in parallel mode so Trainer sees one process.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+             "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+             "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT",
+             "TORCHELASTIC_MAX_RESTARTS")
+_SHARDED_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+_WAIT = timedelta(days=7)  # rank 0 waits this long for the other ranks' adapters
+
+
+def adapter_dir(root: str | os.PathLike, j: int) -> Path:
+    """Directory of ensemble member ``j``."""
+    return Path(root) / f"adapter_{j}"
+
+
+@dataclass
+class EnsembleResult:
+    """What :func:`train_ensemble` produced (on rank 0 in parallel mode; other ranks: their part)."""
+
+    adapters: list[Path]
+    trained: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    merged: Path | None = None
+    merge_report: Any = None
+
+
+@dataclass
+class _Rank:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    store: Any = None
+
+
+def _launch_env() -> _Rank:
+    env = os.environ
+    return _Rank(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def _isolate_rank(info: _Rank) -> _Rank:
+    """Connect to the launcher's store, then make this process look like a single-process run
+    on one device (CUDA_VISIBLE_DEVICES narrowed to this rank's GPU, distributed env removed)."""
+    import torch
+
+    for var in _SHARDED_ENV:
+        if os.environ.get(var, "").lower() in ("1", "true"):
+            raise ConfigError(f"--strategy parallel trains whole adapters per process; launch it with a plain "
+                              f"multi-process config (configs/accelerate/multi_gpu.yaml), not {var}")
+    if info.world_size > 1:
+        from torch.distributed import PrefixStore
+        from torch.distributed.rendezvous import rendezvous
+
+        store, _, _ = next(rendezvous("env://", timeout=_WAIT))
+        info = dataclasses.replace(info, store=PrefixStore("poc_lora_ensemble", store))
+    if torch.cuda.is_initialized():
+        logger.warning("CUDA was initialised before the ensemble narrowed the visible devices; rank %d may "
+                       "share a GPU", info.rank)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices[info.local_rank % len(devices)] if devices else str(info.local_rank)
+    for var in _DIST_ENV:
+        os.environ.pop(var, None)
+    return info
+
+
+def _signal_done(info: _Rank, ok: bool) -> None:
+    if info.store is not None:
+        info.store.set(f"done_{info.rank}", "ok" if ok else "failed")
+
+
+def _wait_for_ranks(info: _Rank) -> None:
+    """Rank 0: block until every rank has signalled; fail if one of them failed."""
+    if info.store is None:
+        return
+    keys = [f"done_{g}" for g in range(info.world_size)]
+    logger.info("rank 0 waiting for %d ranks to finish their adapters", info.world_size)
+    info.store.wait(keys, _WAIT)
+    failed = [g for g, k in enumerate(keys) if info.store.get(k) != b"ok"]
+    if failed:
+        raise PocLoraError(f"rank(s) {failed} failed to train their adapters; rerun the same command to resume")
+
+
+def member_configs(cfg: TrainConfig, num_adapters: int) -> list[TrainConfig]:
+    """Member j's config: ``output_dir/adapter_<j>``, seeds + j, resuming automatically."""
+    from .train import AUTO_RESUME
+
+    members = []
+    for j in range(num_adapters):
+        m = cfg.for_member(j, adapter_dir(cfg.output_dir, j))
+        if not cfg.poc.overwrite_output_dir:
+            m.training.resume_from_checkpoint = AUTO_RESUME
+        members.append(m)
+    return members
+
+
+def _train_members(members: list[TrainConfig], mine: list[int], records: list) -> tuple[list[int], list[int]]:
+    """Train this process's members one after another on one base model; returns (trained, skipped)."""
+    from .train import is_complete, load_base_model, prepare_run, run_training
+
+    trained, skipped, base = [], [], None
+    todo = []
+    for j in mine:  # every check before the (expensive) model load
+        m = members[j]
+        if is_complete(m.output_dir) and not m.poc.overwrite_output_dir:
+            skipped.append(j)
+            continue
+        todo.append((j, prepare_run(m, records=records)))
+    if skipped:
+        logger.info("adapters %s are already trained; skipping them", skipped)
+    for j, run in todo:
+        logger.info("training adapter %d (seed %d) into %s", j, run.cfg.training.seed, run.cfg.output_dir)
+        if base is None:
+            base = load_base_model(run.cfg)
+        _, peft_model = run_training(run, base)
+        base = peft_model.unload()  # the base model with every LoRA layer removed
+        trained.append(j)
+    return trained, skipped
+
+
+def _write_manifest(cfg: TrainConfig, members: list[TrainConfig], strategy: str, world: int, merged: Path | None) -> None:
+    from .outputs import write_json
+
+    write_json(cfg.output_dir / MANIFEST, {
+        "num_adapters": len(members), "strategy": strategy, "world_size": world,
+        "temperature": cfg.poc.temperature, "base_model": cfg.model.model_name_or_path,
+        "adapters": [{"index": j, "path": str(m.output_dir), "seed": m.training.seed, "noise_seed": m.noise_seed,
+                      "data_seed": m.training.data_seed} for j, m in enumerate(members)],
+        "merged": None if merged is None else str(merged),
+    })
+
+
+def _merge(cfg: TrainConfig, paths: list[Path], retrained: bool) -> tuple[Path, Any]:
+    from .merge import REPORT_NAME, merge_adapters
+
+    out = cfg.output_dir / MERGED_DIR
+    if (out / REPORT_NAME).is_file() and not retrained and not cfg.poc.overwrite_output_dir:
+        logger.info("%s is up to date; not merging again", out)
+        return out, None
+    report = merge_adapters(paths, out, method="poc", overwrite=True)
+    logger.info("%s", report.summary())
+    return out, report
+
+
+def train_ensemble(
+    config: TrainConfig | str | os.PathLike | dict[str, Any],
+    num_adapters: int,
+    *,
+    strategy: str | None = None,
+    merge: bool = False,
+    overrides: Sequence[str] = (),
+) -> EnsembleResult:
+    """Train ``num_adapters`` adapters (seeds seed+j) and optionally PoC-merge them.
+
+    ``strategy``: ``"sequential"`` or ``"parallel"`` (default: parallel when launched with more
+    than one process, else sequential). See the module docstring for layout and resumption.
+
+    Example:
+        >>> train_ensemble("configs/train/tiny_cpu.yaml", 2, merge=True, overrides=["--output_dir", "runs/e"])  # doctest: +SKIP
+    """
+    if num_adapters < 1:
+        raise ConfigError(f"--num-adapters must be >= 1, got {num_adapters}")
+    info = _launch_env()
+    strategy = strategy or ("parallel" if info.world_size > 1 else "sequential")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if strategy == "sequential" and info.world_size > 1:
+        raise ConfigError(f"--strategy sequential runs in one process, but {info.world_size} were launched; "
+                          "use --strategy parallel (or launch a single process)")
+    if strategy == "parallel":
+        info = _isolate_rank(info)  # before anything builds TrainingArguments / touches CUDA
+    ok = False
+    try:
+        cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+        members = member_configs(cfg, num_adapters)
+        from .train import load_checked_records
+
+        records = load_checked_records(cfg)  # one read + validation for all members
+        mine = [j for j in range(num_adapters) if j % info.world_size == info.rank]
+        trained, skipped = _train_members(members, mine, records)
+        ok = True
+    finally:
+        if info.rank != 0 or not ok:
+            _signal_done(info, ok)
+    paths = [m.output_dir for m in members]
+    result = EnsembleResult(adapters=paths, trained=trained, skipped=skipped)
+    if info.rank != 0:
+        return result
+    _signal_done(info, True)
+    _wait_for_ranks(info)
+    from .train import is_complete
+
+    missing = [j for j, p in enumerate(paths) if not is_complete(p)]
+    if missing:
+        raise PocLoraError(f"adapters {missing} are not finished; rerun the same command to resume them")
+    if merge:
+        result.merged, result.merge_report = _merge(cfg, paths, retrained=bool(trained) or info.world_size > 1)
+    _write_manifest(cfg, members, strategy, info.world_size, result.merged)
+    return result
+
+
+def main_ensemble(
+    config_path: str, num_adapters: int, strategy: str | None, merge: bool, overrides: Sequence[str]
+) -> int:
+    """``poc-lora ensemble --config CONFIG.yaml --num-adapters M [--strategy ...] [--merge]``."""
+    res = train_ensemble(config_path, num_adapters, strategy=strategy, merge=merge, overrides=overrides)
+    if res.merged is not None:
+        logger.info("merged adapter: %s", res.merged)
+    return 0
+
+
+__all__ = ["EnsembleResult", "adapter_dir", "main_ensemble", "member_configs", "train_ensemble"]

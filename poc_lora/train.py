@@ -1,0 +1,306 @@
+"""Train one LoRA adapter with Noisy AdamW through ``transformers.Trainer``.
+
+:func:`train_adapter` takes a :class:`~poc_lora.config.TrainConfig` (or a YAML path + overrides),
+checks every input before the model is loaded (template, data file and records, output dir,
+checkpoint), then trains with :class:`~poc_lora.trainer.NoisyAdamWTrainer` and writes into
+``output_dir`` a standard PEFT adapter directory:
+
+    adapter_config.json, adapter_model.safetensors   (PEFT; base_model_name_or_path as configured)
+    poc_lora_template.json                          (template name + hash, read by evaluation)
+    poc_lora_config.yaml / .json                    (the resolved config; rerunnable)
+    poc_lora_train.json                             (metrics; written last = "this adapter is done")
+    checkpoint-<step>/                               (Trainer checkpoints, if save_strategy says so)
+
+``--resume_from_checkpoint true`` (or a checkpoint path) continues an interrupted run and ends
+with the same adapter as an uninterrupted one: Trainer restores the model, the scheduler, the
+RNG states and the data position, and NoisyAdamW's state dict carries its noise seed and step
+(its noise is counter-based, so the stream continues exactly).
+
+Example:
+    >>> from poc_lora.train import train_adapter
+    >>> path = train_adapter("configs/train/tiny_cpu.yaml", ["--output_dir", "runs/tiny"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import CONFIG_FILE, TrainConfig, load_config
+from .errors import ConfigError, OutputError
+
+logger = logging.getLogger(__name__)
+
+DONE_FILE = "poc_lora_train.json"
+_CHECKPOINT_PREFIX = "checkpoint-"
+_LAST = {"true", "last", "1", "yes"}
+AUTO_RESUME = "auto"  # resume from the last checkpoint if there is one, else start fresh
+
+
+def is_complete(output_dir: str | os.PathLike) -> bool:
+    """True when ``output_dir`` holds a finished adapter (its completion record is written last)."""
+    return (Path(output_dir) / DONE_FILE).is_file()
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-<step>`` directory in ``output_dir`` that Trainer can resume, or None."""
+    if not Path(output_dir).is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir))
+
+
+def _resolve_resume(cfg: TrainConfig) -> str | None:
+    """The checkpoint to resume from (None = fresh start), checked before the model loads."""
+    out, value = cfg.output_dir, cfg.training.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none", "no", "0"):
+        return None
+    if str(value).lower() == AUTO_RESUME:
+        return last_checkpoint(out)
+    if str(value).lower() in _LAST:
+        ckpt = last_checkpoint(out)
+        if ckpt is None:
+            raise ConfigError(f"resume_from_checkpoint={value}: no checkpoint-<step> directory in {out}")
+        return ckpt
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint {value} is not a Trainer checkpoint (no trainer_state.json)")
+    return str(value)
+
+
+def _check_output(cfg: TrainConfig, resume: str | None) -> None:
+    out = cfg.output_dir
+    if not out.exists() or cfg.poc.overwrite_output_dir:
+        return
+    if not out.is_dir():
+        raise OutputError(f"output_dir {out} exists and is not a directory")
+    if is_complete(out) and resume is None:
+        raise OutputError(f"output_dir {out} already holds a trained adapter; pass --overwrite_output_dir true "
+                          "to train again")
+    if resume is None and last_checkpoint(out) is not None:
+        raise OutputError(f"output_dir {out} holds checkpoints of an unfinished run; pass "
+                          "--resume_from_checkpoint true to continue it or --overwrite_output_dir true to restart")
+
+
+@dataclass
+class PreparedRun:
+    """A config whose inputs were all checked, plus what the checks produced."""
+
+    cfg: TrainConfig
+    records: list[dict[str, str]]
+    template: Any
+    resume: str | None
+    data_file: str
+
+
+def load_checked_records(cfg: TrainConfig) -> list[dict[str, str]]:
+    """The config's training records, read and validated (``data_path: synthetic`` written first)."""
+    from .data.instructions import load_records, resolve_data_path
+
+    return load_records(resolve_data_path(cfg.data), cfg.data.dataset_split)
+
+
+def prepare_run(cfg: TrainConfig, records: list[dict[str, str]] | None = None) -> PreparedRun:
+    """Every check that can fail on user input, before any model is loaded.
+
+    ``records``: already loaded and validated records (an ensemble reads the data once).
+    """
+    from .data.instructions import resolve_data_path
+    from .data.templates import get_template
+
+    template = get_template(cfg.data.prompt_template)
+    if cfg.model.load_in_4bit or cfg.model.load_in_8bit:
+        from .models import quantization_config
+
+        quantization_config(cfg.model.load_in_4bit, cfg.model.load_in_8bit)  # bitsandbytes present?
+    resume = _resolve_resume(cfg)
+    _check_output(cfg, resume)
+    if records is None:
+        records = load_checked_records(cfg)
+    return PreparedRun(cfg, records, template, resume, resolve_data_path(cfg.data))
+
+
+def load_base_model(cfg: TrainConfig) -> Any:
+    """The frozen base model as the config asks (dtype, quantisation, attention; QLoRA prepared)."""
+    from .models import load_model
+
+    m, quantized = cfg.model, cfg.model.load_in_4bit or cfg.model.load_in_8bit
+    device_map = {"": str(cfg.training.device)} if quantized else None  # bnb layers need their device up front
+    model = load_model(
+        m.model_name_or_path, m.dtype, load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit,
+        bnb_4bit_quant_type=m.bnb_4bit_quant_type, bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype, attn_implementation=m.attn_implementation,
+        device_map=device_map, trust_remote_code=m.trust_remote_code,
+    )
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # casts norms to fp32 and makes the inputs require grad, so checkpointed layers backprop
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(cfg))
+    elif _checkpointing(cfg):
+        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    return model
+
+
+def _checkpointing(cfg: TrainConfig) -> bool:
+    tr = cfg.training
+    return bool(getattr(tr, "activation_checkpointing", False) or getattr(tr, "gradient_checkpointing", False))
+
+
+def lora_config(cfg: TrainConfig) -> Any:
+    """PEFT ``LoraConfig`` from the config's LoRA fields."""
+    from peft import LoraConfig
+
+    lo = cfg.lora
+    return LoraConfig(
+        r=lo.lora_r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
+        target_modules=list(lo.lora_target_modules), bias=lo.lora_bias, use_rslora=lo.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: Any, cfg: TrainConfig) -> Any:
+    """A fresh LoRA on ``model``, initialised from the training seed (so seed+j differ)."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg))
+    except ValueError as exc:  # e.g. target modules not found in the model
+        raise ConfigError(f"cannot attach LoRA to {cfg.model.model_name_or_path!r}: {exc}") from None
+    peft_model.peft_config["default"].base_model_name_or_path = cfg.model.model_name_or_path
+    return peft_model
+
+
+def _trainable_digest(model: Any) -> str:
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _replicas_identical(model: Any) -> bool | None:
+    """Under torch.distributed, whether every rank holds the same trainable weights (None if single)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, _trainable_digest(model))
+    same = len(set(digests)) == 1
+    if not same:
+        logger.warning("data-parallel replicas differ after training (digests %s)", digests)
+    return same
+
+
+def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Path:
+    """Adapter files into a temporary sibling, then moved into output_dir; the record goes last."""
+    from .data.templates import TEMPLATE_RECORD_FILE, template_record
+    from .outputs import write_json
+
+    out = run.cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapter-", dir=out.parent))
+    try:
+        # "auto" would look the base model up (a network call for a hub id) to see whether the
+        # embeddings changed; they only can when the LoRA targets them.
+        embeddings = any(m in ("embed_tokens", "lm_head") for m in run.cfg.lora.lora_target_modules)
+        trainer.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=embeddings)
+        write_json(tmp / TEMPLATE_RECORD_FILE, template_record(run.template))
+        run.cfg.save(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json(out / DONE_FILE, record)
+    return out
+
+
+def _clear_previous(out: Path) -> None:
+    """--overwrite_output_dir: drop an earlier run's completion record and checkpoints."""
+    (out / DONE_FILE).unlink(missing_ok=True)
+    for ckpt in out.glob(f"{_CHECKPOINT_PREFIX}*"):
+        if ckpt.is_dir():
+            shutil.rmtree(ckpt)
+
+
+def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
+    """Train the prepared run (on ``base_model`` if given, else a freshly loaded one).
+
+    Returns the adapter directory and the PEFT model (``.unload()`` gives the clean base back,
+    which is how :mod:`poc_lora.ensemble` reuses one base model for several adapters).
+    """
+    from .data.instructions import build_datasets, data_collator
+    from .models import load_tokenizer
+    from .trainer import NoisyAdamWTrainer
+
+    cfg = run.cfg
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path, padding_side="right")
+    train_ds, eval_ds = build_datasets(run.records, tokenizer, run.template, cfg.data)
+    model = base_model if base_model is not None else load_base_model(cfg)
+    peft_model = attach_lora(model, cfg)
+    if cfg.poc.overwrite_output_dir and run.resume is None:
+        _clear_previous(cfg.output_dir)
+    trainer = NoisyAdamWTrainer(
+        model=peft_model, args=cfg.training, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=data_collator(tokenizer, cfg.data.pad_to_multiple_of),
+        temperature=cfg.poc.temperature, noise_seed=cfg.noise_seed,
+    )
+    if run.resume:
+        logger.info("resuming %s from %s", cfg.output_dir, run.resume)
+    result = trainer.train(resume_from_checkpoint=run.resume)
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    same = _replicas_identical(peft_model)
+    if trainer.is_world_process_zero():
+        record = {
+            "adapter": str(cfg.output_dir), "global_step": trainer.state.global_step, "metrics": metrics,
+            "seed": cfg.training.seed, "noise_seed": cfg.noise_seed, "temperature": cfg.poc.temperature,
+            "train_records": len(train_ds), "val_records": 0 if eval_ds is None else len(eval_ds),
+            "data_file": run.data_file, "resumed_from": run.resume, "world_size": cfg.training.world_size,
+            "replicas_identical": same,
+        }
+        _write_adapter(trainer, run, record)
+        logger.info("adapter written to %s (step %d, train loss %.4f)", cfg.output_dir,
+                    trainer.state.global_step, metrics.get("train_loss", float("nan")))
+    return cfg.output_dir, peft_model
+
+
+def train_adapter(
+    config: TrainConfig | str | os.PathLike | dict[str, Any], overrides: Sequence[str] = (), *, base_model: Any = None
+) -> Path:
+    """Train one LoRA adapter with Noisy AdamW; returns its directory (``output_dir``).
+
+    ``config``: a :class:`TrainConfig`, a YAML path or a flat mapping; ``overrides``: ``--key value``
+    strings applied on top. ``base_model``: an already loaded base model to attach the LoRA to.
+
+    Example:
+        >>> train_adapter("configs/train/tiny_cpu.yaml", ["--output_dir", "runs/a0", "--seed", "0"])  # doctest: +SKIP
+        PosixPath('runs/a0')
+    """
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    run = prepare_run(cfg)
+    path, _ = run_training(run, base_model)
+    return path
+
+
+def main_train(config_path: str, overrides: Sequence[str]) -> int:
+    """``poc-lora train --config CONFIG.yaml [--key value ...]``."""
+    path = train_adapter(config_path, overrides)
+    logger.info("done: %s (config: %s)", path, path / CONFIG_FILE)
+    return 0
+
+
+__all__ = ["DONE_FILE", "attach_lora", "is_complete", "last_checkpoint", "load_base_model", "lora_config",
+           "load_checked_records", "main_train", "prepare_run", "run_training", "train_adapter"]
