@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from . import __version__
@@ -249,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bitsandbytes warns on import, on every CPU machine, about an optional kernel package;
         # it says nothing about the user's run, so only --verbose shows it.
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # transformers' own deprecation notice inside Trainer, and PEFT looking up the tiny
+        # model's id on the hub when saving: noise that says nothing about the user's run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Could not find a config file in poc-lora/tiny-llama")
     try:
         return int(args.func(args, extra) or 0)
     except NotImplementedCommand as exc:
