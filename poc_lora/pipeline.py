@@ -171,6 +171,25 @@ def _label(method: str, cfg: PipelineConfig, adapters: list[Path]) -> str:
     return MERGE_LABELS[method].format(rank=rank)
 
 
+# Above this mean pairwise relative distance the adapters' updates are closer to orthogonal than
+# to equal: they did not land in one basin, and averaging them mostly shrinks each update.
+FAR_APART_SPREAD = 0.5
+
+
+def _spread_line(spreads: dict[str, Any]) -> str:
+    """The adapters' spread from the merge report, with what it means for the merge."""
+    spread = spreads.get("poc", next(iter(spreads.values()), None)) if spreads else None
+    if spread is None:
+        return ""
+    line = f"Spread of the adapters (mean pairwise relative distance of their ΔW; 0 = identical): {spread:.3f}."
+    if spread >= FAR_APART_SPREAD:
+        line += (" The adapters are far apart: they did not land in one basin, so their average mostly"
+                 " shrinks each update and the merge is expected to fall short (the paper's λ = 0 /"
+                 " one-epoch failure mode). More training, a higher temperature, or a pretrained base"
+                 " that already solves part of the task bring them together.")
+    return line
+
+
 def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: dict[str, Path],
             adapters: list[Path], timing: dict[str, float]) -> dict[str, Any]:
     """report.md / report.json / report.png from the evaluation's per-model accuracies."""
@@ -210,8 +229,7 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: 
         "",
         markdown_table(table_cols, per_adapter),
         "",
-        f"Spread of the adapters (mean pairwise relative distance of their ΔW; 0 = identical): "
-        f"{spreads.get('poc', next(iter(spreads.values()), None)):.3f}" if spreads else "",
+        _spread_line(spreads),
         "",
         f"Wall time: {', '.join(f'{k} {v:.1f} s' for k, v in timing.items())}.",
         "",
