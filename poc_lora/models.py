@@ -26,7 +26,14 @@ logger = logging.getLogger(__name__)
 
 TINY_MODEL_ID = "poc-lora/tiny-llama"
 # Bump when the tiny model's recipe changes so stale caches are not reused.
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
+# The tiny base is pretrained briefly, like any real base model: full-parameter AdamW on
+# held-out synthetic data (its own seed, 30% label noise), enough to know the answer format and
+# some of the rule. Adapters then fine-tune from a shared, meaningful starting point; from a
+# purely random base every seed solves the task with a different circuit and their average
+# (the PoC merge) loses to the single adapters (measured: 46% vs 87% average accuracy).
+TINY_PRETRAIN_STEPS = 80
+TINY_PRETRAIN_DATA_SEED = 1000
 TINY_CONFIG: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=176,
@@ -85,11 +92,44 @@ def _tiny_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_model(output: str | Path, seed: int = 0, overwrite: bool = False, **config: Any) -> Path:
-    """Write a tiny random-initialised Llama (``TINY_CONFIG`` + ``config``) and its tokenizer.
+def _pretrain(model: Any, tokenizer: Any, steps: int, seed: int) -> None:
+    """``steps`` full-parameter AdamW steps (batch 16, lr 1e-3) on held-out synthetic records."""
+    import random
 
-    The directory is a normal ``save_pretrained`` model directory (safetensors), built
-    atomically. The same seed gives the same weights.
+    import torch
+
+    from eval_harness.suites import SUITE_ORDER, SUITES
+
+    from .data.instructions import data_collator, tokenize_examples
+    from .data.synthetic import make_records
+    from .data.templates import get_template
+
+    records = [r for name in SUITE_ORDER
+               for r in make_records(SUITES[name], 200, seed=TINY_PRETRAIN_DATA_SEED, label_noise=0.3)]
+    random.Random(seed).shuffle(records)
+    enc = tokenize_examples(records, tokenizer, get_template("alpaca"), cutoff_len=256, train_on_inputs=False)
+    examples = [dict(zip(enc, values)) for values in zip(*enc.values())]
+    collate = data_collator(tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    model.train()
+    batch_size = 16
+    for step in range(steps):
+        start = (step * batch_size) % len(examples)
+        loss = model(**collate(examples[start:start + batch_size])).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def build_tiny_model(output: str | Path, seed: int = 0, overwrite: bool = False, pretrain_steps: int = 0,
+                     **config: Any) -> Path:
+    """Write a tiny Llama (``TINY_CONFIG`` + ``config``) and its tokenizer.
+
+    The weights are random (``pretrain_steps=0``, what tests use: fast) or briefly pretrained on
+    held-out synthetic data (what :data:`TINY_MODEL_ID` resolves to). The directory is a normal
+    ``save_pretrained`` model directory (safetensors), built atomically. The same seed gives the
+    same weights on the same machine.
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -112,6 +152,8 @@ def build_tiny_model(output: str | Path, seed: int = 0, overwrite: bool = False,
         # never become confident. A larger output layer gives the adapters room to learn.
         with torch.no_grad():
             model.lm_head.weight.normal_(0.0, TINY_LM_HEAD_STD)
+        if pretrain_steps:
+            _pretrain(model, tokenizer, pretrain_steps, seed)
         model.generation_config = GenerationConfig(
             bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
         )
@@ -128,7 +170,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if not (path / "config.json").exists():
         logger.info("building the tiny offline model in %s", path)
         try:
-            build_tiny_model(path)
+            build_tiny_model(path, pretrain_steps=TINY_PRETRAIN_STEPS)
         except (OutputError, OSError):
             # Another process built it concurrently (our rename onto its directory fails);
             # theirs is identical (same seed), so use it.

@@ -172,7 +172,7 @@ def _label(method: str, cfg: PipelineConfig, adapters: list[Path]) -> str:
 
 
 # Above this mean pairwise relative distance the adapters' updates are closer to orthogonal than
-# to equal: they did not land in one basin, and averaging them mostly shrinks each update.
+# to equal; when such a merge underperforms, that is the first thing to look at.
 FAR_APART_SPREAD = 0.5
 
 
@@ -183,10 +183,10 @@ def _spread_line(spreads: dict[str, Any]) -> str:
         return ""
     line = f"Spread of the adapters (mean pairwise relative distance of their ΔW; 0 = identical): {spread:.3f}."
     if spread >= FAR_APART_SPREAD:
-        line += (" The adapters are far apart: they did not land in one basin, so their average mostly"
-                 " shrinks each update and the merge is expected to fall short (the paper's λ = 0 /"
-                 " one-epoch failure mode). More training, a higher temperature, or a pretrained base"
-                 " that already solves part of the task bring them together.")
+        line += (" The adapters are far apart: if the merge falls short of the single adapters, this is"
+                 " the likely cause (they did not land in one basin: the paper's λ = 0 / one-epoch"
+                 " failure mode). More training, a higher temperature, or a base model that already"
+                 " solves more of the task bring them together.")
     return line
 
 
