@@ -119,10 +119,8 @@ def from_hub_record(suite: Suite | str, row: Mapping[str, Any]) -> dict[str, str
         >>> from_hub_record("piqa", {"goal": "Dry hair", "sol1": "towel", "sol2": "oven", "label": 0})["answer"]
         'solution1'
     """
-    from poc_lora.data.synthetic import _LEADS  # the per-suite instruction openings
-
     suite = suite if isinstance(suite, Suite) else get_suite(suite)
-    lead = _LEADS[suite.name]
+    lead = suite.lead
     name = suite.name
     if name == "boolq":
         answer = "true" if row["answer"] else "false"

@@ -22,6 +22,9 @@ class Suite:
     labels: tuple[str, ...]  # the label words the model must produce
     option_prefix: str  # how the options are written inside the instruction ("Answer1: ...")
     test_size: int  # size of the official test set (PAPER.md §5), for reference and progress
+    # How the instruction opens; {body} is the question (LLM-Adapters layout). The options and
+    # the "Answer format" line follow it.
+    lead: str = "Please choose the correct answer to the question: {body}"
     # Label words searched for in generated text. The reference scorer searches the three
     # "answerN" suites for answer1..answer5 whatever their number of options, so a model that
     # says "answer4" on a 3-option question is parsed (and wrong), not "unparsed".
@@ -42,14 +45,19 @@ _ANSWER5 = tuple(f"answer{i}" for i in range(1, 6))
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in [
-        Suite("social_i_qa", "SIQA", ("answer1", "answer2", "answer3"), "Answer", 1954, _ANSWER5),
-        Suite("piqa", "PIQA", ("solution1", "solution2"), "Solution", 1838),
-        Suite("winogrande", "WinoGrande", ("option1", "option2"), "Option", 1267),
-        Suite("openbookqa", "OBQA", ("answer1", "answer2", "answer3", "answer4"), "Answer", 500, _ANSWER5),
+        Suite("social_i_qa", "SIQA", ("answer1", "answer2", "answer3"), "Answer", 1954, extract_labels=_ANSWER5),
+        Suite("piqa", "PIQA", ("solution1", "solution2"), "Solution", 1838,
+              lead="Please choose the correct solution to the question: {body}"),
+        Suite("winogrande", "WinoGrande", ("option1", "option2"), "Option", 1267,
+              lead="Please choose the correct answer to fill in the blank to complete the given sentence: {body}"),
+        Suite("openbookqa", "OBQA", ("answer1", "answer2", "answer3", "answer4"), "Answer", 500,
+              extract_labels=_ANSWER5),
         Suite("ARC-Challenge", "ARC-c", _ANSWER5, "Answer", 1172),
         Suite("ARC-Easy", "ARC-e", _ANSWER5, "Answer", 2376),
-        Suite("boolq", "BoolQ", ("true", "false"), "", 3270),
-        Suite("hellaswag", "HellaSwag", ("ending1", "ending2", "ending3", "ending4"), "Ending", 10042),
+        Suite("boolq", "BoolQ", ("true", "false"), "", 3270,
+              lead="Please answer the following question with true or false, question: {body}"),
+        Suite("hellaswag", "HellaSwag", ("ending1", "ending2", "ending3", "ending4"), "Ending", 10042,
+              lead="Please choose the correct ending to complete the given sentence: {body}"),
     ]
 }
 

@@ -49,18 +49,6 @@ ADJECTIVES = ("small", "heavy", "bright", "quiet", "old", "warm", "round", "tall
 PLACES = ("park", "school", "station", "library", "farm", "beach", "office", "museum")
 WH = ("What", "Which", "Where", "Why", "How")
 
-# Per-suite instruction layout (LLM-Adapters style). {body} is the question; the options and the
-# "Answer format" line are appended generically from the suite registry.
-_LEADS = {
-    "boolq": "Please answer the following question with true or false, question: {body}",
-    "piqa": "Please choose the correct solution to the question: {body}",
-    "social_i_qa": "Please choose the correct answer to the question: {body}",
-    "hellaswag": "Please choose the correct ending to complete the given sentence: {body}",
-    "winogrande": "Please choose the correct answer to fill in the blank to complete the given sentence: {body}",
-    "ARC-Challenge": "Please choose the correct answer to the question: {body}",
-    "ARC-Easy": "Please choose the correct answer to the question: {body}",
-    "openbookqa": "Please choose the correct answer to the question: {body}",
-}
 # How many options each suite's questions carry (ARC's label set allows five; its questions have four).
 _NUM_OPTIONS = {"ARC-Challenge": 4, "ARC-Easy": 4}
 
@@ -70,8 +58,8 @@ def vocabulary() -> list[str]:
     words: list[str] = []
     for group in (*CUES, NAMES, NOUNS, VERBS, ADJECTIVES, PLACES, WH):
         words.extend(group)
-    for lead in _LEADS.values():
-        words.extend(lead.replace("{body}", "").replace(",", " ").replace(":", " ").split())
+    for suite in SUITES.values():
+        words.extend(suite.lead.replace("{body}", "").replace(",", " ").replace(":", " ").split())
     for suite in SUITES.values():
         words.extend(suite.labels)
         words.extend(f"{suite.option_prefix}{i + 1}" for i in range(5) if suite.option_prefix)
@@ -103,7 +91,7 @@ def make_record(suite: Suite, position: int, rng: random.Random, label_position:
     """
     label_position = position if label_position is None else label_position
     cue = rng.choice(CUES[position])
-    parts = [_LEADS[suite.name].format(body=_body(suite, cue, rng))]
+    parts = [suite.lead.format(body=_body(suite, cue, rng))]
     if suite.option_prefix:
         n = _NUM_OPTIONS.get(suite.name, len(suite.labels))
         parts += [f"{suite.option_prefix}{i + 1}: {_phrase(rng)}" for i in range(n)]
