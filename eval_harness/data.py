@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -31,11 +30,6 @@ def suite_file(data_dir: str | Path, suite: Suite | str) -> Path:
     """Where a suite's test file must be: ``<data_dir>/<suite>/test.json``."""
     name = suite.name if isinstance(suite, Suite) else suite
     return Path(data_dir) / name / TEST_FILE
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (recorded with results so a changed test set is noticed)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _check_record(rec: Any, suite: Suite, path: Path, index: int) -> dict[str, str]:

@@ -39,7 +39,9 @@ from typing import Any, Sequence
 from poc_lora.errors import AdapterError, ConfigError, OutputError
 from poc_lora.outputs import atomic_write_text, write_json
 
-from .data import file_sha256, load_suite, suite_file
+from poc_lora.adapters import sha256_file
+
+from .data import load_suite, suite_file
 from .scoring import (CANDIDATE_FORMAT, candidate_labels, extract_answer, generate_responses, rank_prediction,
                       rank_scores)
 from .suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
@@ -91,7 +93,7 @@ def _weights_sha256(adapter: Path) -> str:
     files = sorted(p for p in adapter.iterdir() if p.name.startswith("adapter_model."))
     digest = hashlib.sha256()
     for p in files:
-        digest.update(file_sha256(p).encode())
+        digest.update(sha256_file(p).encode())
     return digest.hexdigest()
 
 
@@ -181,7 +183,7 @@ def _settings(spec: ModelSpec, suite: Suite, data_dir: Path, base_model: str, op
         "template": spec.template.name,
         "template_sha256": template_hash(spec.template),
         "data_file": str(suite_file(data_dir, suite)),
-        "data_sha256": file_sha256(suite_file(data_dir, suite)),
+        "data_sha256": sha256_file(suite_file(data_dir, suite)),
         "limit": opts["limit"],
         "dtype": opts["dtype"],
         "load_in_4bit": opts["load_in_4bit"],

@@ -71,17 +71,10 @@ class PipelineConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "PipelineConfig":
         """Read a pipeline YAML; ``overrides`` are ``--key value`` pairs of this class's fields."""
-        import yaml
+        from .config import read_yaml
 
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read pipeline config {path}: {exc.strerror or exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values")
+        raw = read_yaml(path)
         raw.update(_parse_overrides(overrides))
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(raw) - set(valid))

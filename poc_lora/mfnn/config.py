@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
+from ..config import read_yaml
 from ..errors import ConfigError
 from .data import double_circle, multi_index
 from .mfld import LOSSES
@@ -63,20 +63,6 @@ CONFIG_FILES = {
 }
 
 _DATA_MAKERS = {"classification": double_circle, "regression": multi_index}
-
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    return data
 
 
 def _check_keys(values: Mapping[str, Any], allowed: Mapping[str, Any], where: str, prefix: str = "") -> None:
@@ -143,7 +129,7 @@ def resolve_settings(
         overrides = copy.deepcopy(dict(config))
     elif config is not None:
         where = str(config)
-        overrides = load_yaml(config)
+        overrides = read_yaml(config)
     _check_keys(overrides, settings, where)
     quick_overrides = overrides.pop("quick", None)
     if quick_overrides is not None and not isinstance(quick_overrides, dict):

@@ -149,13 +149,13 @@ def _finish(
 # --------------------------------------------------------------------------- figure 1
 def _figure1_task(task: str | None, config: ConfigArg) -> str:
     """The task: the argument, else the config's ``task``, else classification."""
-    from .config import load_yaml
+    from ..config import read_yaml
 
     in_config = None
     if isinstance(config, Mapping):
         in_config = config.get("task")
     elif config is not None:
-        in_config = load_yaml(config).get("task")
+        in_config = read_yaml(config).get("task")
     if task and in_config and task != in_config:
         raise ConfigError(f"task {task!r} conflicts with the config's task {in_config!r}")
     task = task or in_config or "classification"
