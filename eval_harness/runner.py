@@ -42,6 +42,7 @@ from poc_lora.outputs import atomic_write_text, write_json
 from poc_lora.adapters import sha256_file
 
 from .data import load_suite, suite_file
+from .metrics import load_metric
 from .scoring import (CANDIDATE_FORMAT, candidate_labels, extract_answer, generate_responses, rank_prediction,
                       rank_scores)
 from .suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
@@ -243,15 +244,20 @@ def _score_suite(model: Any, tokenizer: Any, spec: ModelSpec, suite: Suite, reco
 def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[str, Any]],
                 settings: dict[str, Any], seconds: float) -> dict[str, Any]:
     atomic_write_text(pair_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    correct = sum(r["correct"] for r in rows)
+    # The commonsense_accuracy metric scores the generated texts (rank mode: the predicted label
+    # words, which it extracts unchanged), so the harness and evaluate users share one rule.
+    scored = load_metric(suite.name).compute(
+        predictions=[r["generated"] if "generated" in r else r["prediction"] for r in rows],
+        references=[r["label"] for r in rows],
+    )
     summary = {
         "model": spec.key,
         "kind": spec.kind,
         "suite": suite.name,
         "n": len(rows),
-        "correct": correct,
-        "accuracy": correct / len(rows),
-        "unparsed": sum(r["prediction"] is None for r in rows),
+        "correct": scored["correct"],
+        "accuracy": scored["accuracy"],
+        "unparsed": scored["unparsed"],
         "seconds": round(seconds, 3),
         "examples_per_second": round(len(rows) / seconds, 3) if seconds > 0 else None,
         "settings": settings,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from eval_harness import evaluate, extract_answer
+from eval_harness import evaluate, extract_answer, metric_path
 from eval_harness.data import load_suite
 from eval_harness.scoring import candidate_labels, generate_responses, rank_scores
 from eval_harness.suites import SUITES, TABLE_COLUMNS
@@ -64,22 +68,22 @@ def _prompts(env, suites=("ARC-Challenge", "boolq", "hellaswag"), n=3, template=
 
 
 # ------------------------------------------------------------------------------ extraction
-@pytest.mark.parametrize(
-    "suite, text, expected",
-    [
-        ("boolq", "the correct answer is true", "true"),
-        ("boolq", "trueness", "true"),  # substring inside another word still counts
-        ("boolq", "untrue", "true"),
-        ("boolq", "false, not true", "false"),  # several labels: the first by position
-        ("piqa", "solution2 or solution1", "solution2"),
-        ("boolq", "True", None),  # case-sensitive
-        ("hellaswag", "Ending3", None),
-        ("winogrande", "", None),
-        ("ARC-Easy", "no idea", None),
-        ("social_i_qa", "answer5", "answer5"),  # answer1..answer5 searched whatever the options
-        ("openbookqa", "xanswer4y", "answer4"),
-    ],
-)
+EXTRACTION_CASES = [
+    ("boolq", "the correct answer is true", "true"),
+    ("boolq", "trueness", "true"),  # substring inside another word still counts
+    ("boolq", "untrue", "true"),
+    ("boolq", "false, not true", "false"),  # several labels: the first by position
+    ("piqa", "solution2 or solution1", "solution2"),
+    ("boolq", "True", None),  # case-sensitive
+    ("hellaswag", "Ending3", None),
+    ("winogrande", "", None),
+    ("ARC-Easy", "no idea", None),
+    ("social_i_qa", "answer5", "answer5"),  # answer1..answer5 searched whatever the options
+    ("openbookqa", "xanswer4y", "answer4"),
+]
+
+
+@pytest.mark.parametrize("suite, text, expected", EXTRACTION_CASES)
 def test_extract_answer(suite, text, expected):
     assert extract_answer(suite, text) == expected
     assert extract_answer(SUITES[suite], text) == expected
@@ -89,6 +93,148 @@ def test_candidate_labels_follow_the_option_lines():
     assert candidate_labels("ARC-Easy", "Q\n\nAnswer1: a\n\nAnswer2: b\n\nAnswer3: c") == ("answer1", "answer2", "answer3")
     assert candidate_labels("boolq", "anything") == ("true", "false")
     assert candidate_labels("piqa", "no options here") == ("solution1", "solution2")
+
+
+# ------------------------------------------------------------------------------ evaluate metric
+def _first_label(labels, text):
+    """The paper's rule written out directly: the label found at the smallest position (str.find),
+    the one listed first at a tie; None when no label occurs."""
+    hits = [(text.find(label), i, label) for i, label in enumerate(labels) if label in text]
+    return min(hits)[2] if hits else None
+
+
+def _edge_texts(suite):
+    """Generated-text edge cases built from the suite's label words, plus the extraction cases."""
+    labels = suite.search_labels
+    texts = ["", "no idea", "the correct answer is", " ".join(labels)]
+    for i, label in enumerate(labels):
+        other = labels[(i + 1) % len(labels)]
+        texts += [f"the correct answer is {label}", label.upper(), label.capitalize(), f"x{label}y",
+                  f"{other} or {label}", f"{label}, not {other}", f"{label[:-1]} {label[-1]}"]
+    return texts + [text for name, text, _ in EXTRACTION_CASES if name == suite.name]
+
+
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_metric_equals_the_harness_scoring_on_every_suite(suite):
+    import evaluate
+
+    metric = evaluate.load(metric_path(), suite)
+    texts = _edge_texts(SUITES[suite])
+    labels = SUITES[suite].labels
+    refs = [labels[(i // 2) % len(labels)] for i in range(len(texts))]
+    got = metric.compute(predictions=texts, references=refs)
+    # the harness's per-example rule (runner rows) and the rule written out independently
+    correct = sum(extract_answer(suite, t) == r for t, r in zip(texts, refs))
+    direct = sum(_first_label(SUITES[suite].search_labels, t) == r for t, r in zip(texts, refs))
+    unparsed = sum(_first_label(SUITES[suite].search_labels, t) is None for t in texts)
+    assert correct == direct and 0 < correct < len(texts) and unparsed > 0
+    assert got == {"accuracy": direct / len(texts), "correct": direct, "total": len(texts), "unparsed": unparsed}
+    # loaded without a configuration name, the suite comes with compute()
+    assert evaluate.load(metric_path()).compute(predictions=texts, references=refs, suite=suite) == got
+
+
+def test_metric_bad_suite_names_the_valid_ones():
+    import evaluate
+
+    with pytest.raises(ConfigError, match="unknown task 'siqa'; valid tasks: social_i_qa"):
+        evaluate.load(metric_path(), "siqa")
+    with pytest.raises(ConfigError, match="needs a suite"):
+        evaluate.load(metric_path()).compute(predictions=["true"], references=["true"])
+
+
+def test_metric_loads_with_the_network_off(tmp_path):
+    code = textwrap.dedent("""
+        import json, socket
+
+        def refuse(*args, **kwargs):
+            raise OSError("the network is off in this test")
+
+        socket.socket.connect = socket.create_connection = refuse
+        import evaluate
+        from eval_harness import metric_path
+
+        metric = evaluate.load(metric_path(), "boolq")
+        print(json.dumps(metric.compute(predictions=["true", "untrue", "True"], references=["true", "false", "true"])))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_EVALUATE_CACHE": str(tmp_path / "evaluate")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    preds = [extract_answer("boolq", t) for t in ("true", "untrue", "True")]
+    correct = sum(p == r for p, r in zip(preds, ["true", "false", "true"]))
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "accuracy": correct / 3, "correct": correct, "total": 3, "unparsed": preds.count(None)}
+    assert list((tmp_path / "modules").rglob("commonsense_accuracy.py"))  # imported from the local copy
+
+
+EXACT_TEXT_MODULE = '''
+import datasets
+import evaluate
+
+
+class ExactText(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(description="", citation="", inputs_description="", features=datasets.Features(
+            {"predictions": datasets.Value("string"), "references": datasets.Value("string")}))
+
+    def _compute(self, predictions, references):
+        return {"exact_match": sum(p == r for p, r in zip(predictions, references)) / len(predictions)}
+'''
+
+
+def test_metric_in_evaluate_combine(tmp_path):
+    import evaluate
+
+    (tmp_path / "exact_text").mkdir()
+    (tmp_path / "exact_text" / "exact_text.py").write_text(EXACT_TEXT_MODULE)
+    combined = evaluate.combine([evaluate.load(metric_path(), "piqa"), evaluate.load(str(tmp_path / "exact_text"))])
+    texts = ["solution1", "the correct answer is solution2", "Solution1", "solution2"]
+    refs = ["solution1", "solution2", "solution1", "solution1"]
+    got = combined.compute(predictions=texts, references=refs)
+    correct = sum(_first_label(("solution1", "solution2"), t) == r for t, r in zip(texts, refs))
+    assert got == {"accuracy": correct / 4, "correct": correct, "total": 4, "unparsed": 1,
+                   "exact_match": sum(t == r for t, r in zip(texts, refs)) / 4}
+
+
+def test_metric_as_trainer_compute_metrics(env, plain, tmp_path):
+    import datasets
+    import evaluate
+    from transformers import Trainer, TrainingArguments
+
+    from poc_lora.data.instructions import data_collator, tokenize_examples
+
+    model, tokenizer = plain
+    records = [dict(r, output=f"the correct answer is {r['answer']}") for r in load_suite(env["data"], "boolq", limit=7)]
+    eval_dataset = datasets.Dataset.from_dict(
+        tokenize_examples(records, tokenizer, get_template("alpaca"), 256, train_on_inputs=False))
+    answers = [r["answer"] for r in records]
+    # as in the README: teacher-forced argmax tokens of the response, decoded, scored by the metric
+    metric = evaluate.load(metric_path(), "boolq")
+
+    def preprocess_logits_for_metrics(logits, labels):
+        return logits.argmax(-1)  # keep token ids, not batch x length x vocabulary logits
+
+    def compute_metrics(eval_pred):
+        ids, labels = eval_pred.predictions, eval_pred.label_ids
+        texts = [tokenizer.decode(p[:-1][l[1:] != -100]) for p, l in zip(ids, labels)]  # position t predicts t+1
+        return metric.compute(predictions=texts, references=answers)
+
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=3, report_to="none", use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, eval_dataset=eval_dataset, data_collator=data_collator(tokenizer),
+                      compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+    got = trainer.evaluate()
+    texts = []  # independently: one example at a time, no padding, no Trainer
+    for row in eval_dataset:
+        with torch.no_grad():
+            pred = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].argmax(-1)
+        keep = torch.tensor(row["labels"][1:]) != -100
+        texts.append(tokenizer.decode(pred[:-1][keep].tolist()))
+    assert all(texts)
+    correct = sum(_first_label(("true", "false"), t) == a for t, a in zip(texts, answers))
+    assert got["eval_correct"] == correct and got["eval_total"] == len(records)
+    assert got["eval_unparsed"] == sum(_first_label(("true", "false"), t) is None for t in texts)
+    assert got["eval_accuracy"] == pytest.approx(correct / len(records))
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -206,6 +352,9 @@ def test_generate_mode_through_the_cli(env, capsys):
     assert summary["unparsed"] == sum(r["prediction"] is None for r in rows)
     assert all(r["prediction"] == extract_answer("winogrande", r["generated"]) for r in rows)
     assert summary["correct"] == sum(r["correct"] for r in rows)
+    labels = SUITES["winogrande"].search_labels
+    direct = sum(_first_label(labels, r["generated"]) == r["label"] for r in rows)
+    assert summary["correct"] == direct and summary["accuracy"] == direct / len(rows)
 
 
 # ------------------------------------------------------------------------------ bad input
