@@ -247,6 +247,9 @@ def train_ensemble(
     if merge:
         result.merged, result.merge_report = _merge(cfg, paths, retrained=bool(trained) or info.world_size > 1)
     _write_manifest(cfg, members, strategy, info.world_size, result.merged)
+    from .cards import add_ensemble_section
+
+    add_ensemble_section(paths, [m.training.seed for m in members], result.merged)
     return result
 
 

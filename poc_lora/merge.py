@@ -681,6 +681,9 @@ def merge_adapters(
                 overall=overall, warnings=plan.warnings,
             )
             write_json(tmp / REPORT_NAME, report.to_dict())
+            from .cards import write_merge_card
+
+            write_merge_card(tmp, report)  # README.md model card, inside the atomic output
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on failure: do not hash what is left
         for ad in plan.adapters:

@@ -291,7 +291,13 @@ def run_pipeline(
         overwrite=overwrite,
     )
     timing["evaluation"] = time.perf_counter() - t
-    return _report(cfg, out, evaluation, merges, adapters, timing)
+    report = _report(cfg, out, evaluation, merges, adapters, timing)
+    from eval_harness.suites import SUITES
+
+    from .cards import add_evaluation_cards
+
+    add_evaluation_cards(evaluation, report["columns"], report["table"], {s: SUITES[s].column for s in SUITES})
+    return report
 
 
 def _print_report(report: dict[str, Any], title: str) -> None:

@@ -218,6 +218,9 @@ def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Pa
         trainer.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=embeddings)
         write_json(tmp / TEMPLATE_RECORD_FILE, template_record(run.template))
         run.cfg.save(tmp)
+        from .cards import write_training_card
+
+        write_training_card(tmp, run.cfg, record)  # replaces PEFT's empty README.md template
         for item in tmp.iterdir():
             os.replace(item, out / item.name)
     finally:
