@@ -204,6 +204,11 @@ def training_values(cfg: Any, record: Mapping[str, Any]) -> dict[str, Any]:
     """The training essentials a card records (exact values): λ, lr, steps, seeds, data and its sha256.
 
     ``cfg``: the run's :class:`~poc_lora.config.TrainConfig`; ``record``: its ``poc_lora_train.json``.
+    ``data_sha256`` is None when the data are not a local file (a hub dataset id).
+
+    Example:
+        >>> training_values(cfg, json.loads(Path("runs/a0/poc_lora_train.json").read_text()))["temperature"]  # doctest: +SKIP
+        1e-05
     """
     from .adapters import sha256_file
 
@@ -247,7 +252,12 @@ def training_values(cfg: Any, record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def training_card(directory: str | Path, cfg: Any, record: Mapping[str, Any]) -> Any:
-    """The card of a trained adapter in ``directory`` (which holds its ``adapter_config.json``)."""
+    """The card of a trained adapter in ``directory`` (which holds its ``adapter_config.json``).
+
+    Example:
+        >>> training_card("runs/a0", cfg, record).data.tags  # doctest: +SKIP
+        ['base_model:adapter:poc-lora/tiny-llama', 'lora', 'noisy-adamw', 'transformers', 'poc-lora']
+    """
     directory = Path(directory)
     name = Path(cfg.training.output_dir).name  # ``directory`` may be the temporary sibling
     adapter_config = _read_json(directory / "adapter_config.json") or {}
@@ -263,8 +273,9 @@ def training_card(directory: str | Path, cfg: Any, record: Mapping[str, Any]) ->
     rows = [
         ("base model", base),
         ("optimizer", f"Noisy AdamW, temperature λ = {_num(v['temperature'])}" + (" (= AdamW)" if v["temperature"] == 0 else "")),
-        ("learning rate", f"{_num(v['learning_rate'])} ({v['lr_scheduler_type']}, {v['warmup_steps']} warm-up steps)"),
-        ("steps", f"{steps} (max_steps {v['max_steps']}, epochs {_num(v['num_train_epochs'])})"),
+        ("learning rate", f"{_num(v['learning_rate'])} ({v['lr_scheduler_type']}, {_num(v['warmup_steps'])} warm-up steps)"),
+        ("steps", f"{steps} " + (f"(max_steps {v['max_steps']})" if v["max_steps"] and v["max_steps"] > 0
+                                 else f"({_num(v['num_train_epochs'])} epochs)")),
         ("batch", f"{batch} = {v['per_device_train_batch_size']} per device × {v['gradient_accumulation_steps']} "
                   f"accumulation × {v['world_size']} process(es)"),
         ("seed / noise seed", f"{v['seed']} / {v['noise_seed']}"),
@@ -278,11 +289,11 @@ def training_card(directory: str | Path, cfg: Any, record: Mapping[str, Any]) ->
     body = f"""
 # LoRA adapter for {base}, trained with Noisy AdamW
 
-A PEFT LoRA adapter trained by poc-lora with **Noisy AdamW**: after every AdamW
-update each trainable parameter receives Gaussian noise `sqrt(2·λ·η_k)·N(0, 1)` (η_k the learning
-rate of step k), the mean-field Langevin training of {PAPER} ({PAPER_LORA}). Several adapters
-trained like this with different seeds are meant to be combined by the PoC merge
-(`poc-lora merge`), which averages their updates ΔW = (1/M) Σ_j s_j B_j A_j.
+A PEFT LoRA adapter trained by poc-lora with **Noisy AdamW**: after every AdamW update each
+trainable parameter receives Gaussian noise `sqrt(2·λ·η_k)·N(0, 1)` (η_k the learning rate of
+step k), the mean-field Langevin training of {PAPER} ({PAPER_LORA}).
+Several adapters trained like this with different seeds are meant to be combined by the PoC
+merge (`poc-lora merge`), which averages their updates ΔW = (1/M) Σ_j s_j B_j A_j.
 
 ## Training
 
@@ -328,7 +339,15 @@ def _source_values(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def merge_values(report: Any) -> dict[str, Any]:
-    """The merge essentials a card records, taken from a MergeReport (or its ``to_dict()``)."""
+    """The merge essentials a card records, taken from a MergeReport (or its ``to_dict()``).
+
+    ``sources[j]``: path, sha256 of the weights file, weight w_j, r, lora_alpha, use_rslora, and the
+    rank and scale s_j PEFT applies (one value, or the sorted distinct values when modules differ).
+
+    Example:
+        >>> merge_values(json.loads(Path("runs/merged/merge_report.json").read_text()))["merged_rank"]  # doctest: +SKIP
+        64
+    """
     rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     ranks = sorted(set(rep["output_ranks"].values()))
     overall = rep.get("overall", {})
@@ -361,7 +380,12 @@ def _sources_info(sources: list[dict[str, Any]]) -> tuple[list[dict[str, Any] | 
 
 
 def merge_card(directory: str | Path, report: Any) -> Any:
-    """The card of a merge output ``directory`` (adapter, or full model with ``merge_into_base``)."""
+    """The card of a merge output ``directory`` (adapter, or full model with ``merge_into_base``).
+
+    Example:
+        >>> merge_card("runs/merged", report).data.library_name  # doctest: +SKIP
+        'peft'
+    """
     directory = Path(directory)
     rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     name = Path(rep["output"]).name  # ``directory`` may be the temporary sibling

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from eval_harness.suites import SUITE_ORDER, SUITES, TABLE_COLUMNS
+from poc_lora.cards import MERGE_KEY, TRAINING_KEY, read_card_block
 from poc_lora.cli import main
 from poc_lora.errors import ConfigError
 from poc_lora.pipeline import DEMO_CONFIG, QUICK_OVERRIDES, PipelineConfig, run_pipeline
@@ -85,6 +87,67 @@ def test_every_number_in_the_report_comes_from_the_predictions(demo_run):
     line = next(l for l in md.splitlines() if l.startswith("| PoC merge |"))
     shown = [float(x) for x in re.findall(r"\d+\.\d+", line)]
     assert shown == pytest.approx([acc["poc"][c] for c in TABLE_COLUMNS], abs=0.006)
+
+
+def test_adapter_cards_record_training_ensemble_and_evaluation(demo_run):
+    from huggingface_hub import ModelCard
+
+    pipe = demo_run / "pipeline"
+    for j in range(2):
+        adapter = pipe / "adapters" / f"adapter_{j}"
+        card = ModelCard.load(adapter / "README.md")
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert card.data.base_model == config["base_model_name_or_path"]
+        assert card.data.library_name == "peft" and {"lora", "noisy-adamw"} <= set(card.data.tags)
+        assert "More Information Needed" not in card.text  # PEFT's empty template is replaced
+        block = read_card_block(card.text, TRAINING_KEY)
+        train_cfg = json.loads((adapter / "poc_lora_config.json").read_text())
+        record = json.loads((adapter / "poc_lora_train.json").read_text())
+        for key in ("temperature", "learning_rate", "max_steps", "seed", "lora_r", "lora_alpha", "warmup_steps",
+                    "per_device_train_batch_size", "data_path", "prompt_template"):
+            assert block[key] == train_cfg[key], key
+        assert block["seed"] == j and block["noise_seed"] == record["noise_seed"]
+        assert block["global_step"] == record["global_step"] and block["train_loss"] == record["metrics"]["train_loss"]
+        assert block["train_records"] == record["train_records"] and block["data_file"] == record["data_file"]
+        assert block["data_sha256"] == hashlib.sha256(Path(record["data_file"]).read_bytes()).hexdigest()
+        assert f"Member {j} of an ensemble of M = 2" in card.text
+        _check_evaluation(card, pipe / "eval" / f"adapter_{j}")
+
+
+def _check_evaluation(card, eval_dir: Path) -> None:
+    results = {r.dataset_type: r.metric_value for r in card.data.eval_results}
+    assert results == {s: json.loads((eval_dir / s / "summary.json").read_text())["accuracy"] for s in SUITE_ORDER}
+    assert {r.dataset_name for r in card.data.eval_results} == set(TABLE_COLUMNS[:-1])
+    assert "| PoC merge |" in card.text.split("## Evaluation", 1)[1]
+
+
+def test_merge_cards_equal_the_merge_reports(demo_run):
+    from huggingface_hub import ModelCard
+
+    pipe = demo_run / "pipeline"
+    for method in ("poc", "svd", "prune", "soup"):
+        out = pipe / "merges" / method
+        card = ModelCard.load(out / "README.md")
+        report = json.loads((out / "merge_report.json").read_text())
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert card.data.base_model == config["base_model_name_or_path"] and card.data.library_name == "peft"
+        assert ("model-soup" if method == "soup" else "poc-merge") in card.data.tags
+        assert "noisy-adamw" in card.data.tags  # the sources were trained with temperature > 0
+        block = read_card_block(card.text, MERGE_KEY)
+        assert block["method"] == method and block["merged_rank"] == config["r"]
+        assert block["spread"] == report["overall"]["spread"]
+        assert block.get("rel_error") == (None if method == "poc" else report["overall"]["rel_error"])
+        for j, src in enumerate(block["sources"]):
+            adapter = pipe / "adapters" / f"adapter_{j}"
+            assert src["sha256"] == hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+            assert src["weight"] == report["weights"][j] == 0.5
+            assert src["scale"] == train_scale(adapter)
+        _check_evaluation(card, pipe / "eval" / method)
+
+
+def train_scale(adapter: Path) -> float:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    return cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg["use_rslora"] else cfg["r"])
 
 
 def test_mfnn_figure1_in_the_demo_shows_the_merge_trend(demo_run):
