@@ -313,14 +313,22 @@ The exact values (`poc_lora_config.yaml` in this directory reruns the training:
     return _card(meta, body)
 
 
-def write_training_card(directory: str | Path, cfg: Any, record: Mapping[str, Any]) -> Path:
+def write_training_card(directory: str | Path, cfg: Any, record: Mapping[str, Any]) -> Path | None:
     """Write :func:`training_card` as ``directory/README.md`` (replacing PEFT's empty template).
+
+    A card that cannot be built (e.g. the data file became unreadable) is logged and skipped
+    (None): the adapter it describes cost hours of training and must not be lost over its card.
 
     Example:
         >>> write_training_card(tmp, run.cfg, record)  # doctest: +SKIP
         PosixPath('.../README.md')
     """
-    return _write(Path(directory), training_card(directory, cfg, record))
+    try:
+        card = training_card(directory, cfg, record)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        logger.warning("no model card for %s: %s: %s", cfg.training.output_dir, type(exc).__name__, exc)
+        return None
+    return _write(Path(directory), card)
 
 
 # ----------------------------------------------------------------------------- merges
