@@ -2,9 +2,14 @@
 
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or a
 legacy ``adapter_model.bin``). :func:`load_adapter` reads the config, refuses anything whose
-update is not ``s * B @ A`` (DoRA, KaSA, QALoRA, other PEFT types...), parses the tensor keys
-into :class:`LoraModule` records (rank, alpha, scale resolved per module, ``rank_pattern`` /
-``alpha_pattern`` / rsLoRA included) and gives lazy access to the tensors.
+update is not ``s * B @ A`` on the unmodified base (an allowlist of config fields and
+``init_lora_weights`` values: DoRA, KaSA, PiSSA, LoftQ, other PEFT types... are refused),
+parses the tensor keys into :class:`LoraModule` records (rank, alpha, scale resolved per
+module, ``rank_pattern`` / ``alpha_pattern`` / rsLoRA included; keys with or without PEFT's
+``base_model.model.`` prefix) and gives lazy access to the tensors.
+:func:`expand_adapter_inputs` turns the user's arguments into adapter directories by one
+documented rule. :func:`read_adapter_config` and :func:`load_adapter_state` are the safe
+readers for other commands (every failure is an :class:`AdapterError` naming the file).
 :class:`SafetensorsStreamWriter` writes a safetensors file tensor by tensor, so a merged
 adapter or model never sits in memory as a whole.
 
@@ -441,9 +446,6 @@ def read_adapter_config(path: str | Path, label: str | None = None) -> dict[str,
         if not isinstance(cfg.get(name), (int, float)) or cfg[name] <= 0:
             raise AdapterError(f"{label}: field {name} in {cfg_path} must be a positive number, got {cfg.get(name)!r}")
     return cfg
-
-
-read_config = read_adapter_config  # the name used before; kept for callers
 
 
 def adapter_weight_file(path: str | Path, label: str | None = None) -> Path:
