@@ -16,7 +16,9 @@ the ``A_j``. Methods:
   is ``dW``; reproducible with ``seed``.
 * ``soup``: A's and B's averaged separately. A baseline, not the paper's method.
 
-With ``merge_into_base`` the merged update is added to the base weights shard by shard.
+With ``merge_into_base`` the merged update is added to the base weights shard by shard; a
+quantized base is refused, and tied input/output embeddings are untied where the adapter
+changes one side (so the written model computes what the PEFT-loaded adapter computes).
 
 Example:
     >>> from poc_lora import merge_adapters
@@ -43,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .adapters import (
     CONFIG_NAME,
+    MERGE_REPORT_NAME,
     PEFT_PREFIX,
     SAFETENSORS_NAME,
     Adapter,
@@ -50,7 +53,6 @@ from .adapters import (
     SafetensorsStreamWriter,
     TensorFile,
     check_finite,
-    MERGE_REPORT_NAME,
     check_output_not_input,
     expand_adapter_inputs,
     load_adapter,
@@ -98,7 +100,8 @@ class MergeReport:
         ranks = sorted(set(self.output_ranks.values()))
         lines = [
             f"merged {len(self.inputs)} adapters with method={self.method} into {self.output}",
-            *(f"  input {j}: {inp['path']} (weight {w:g})" for j, (inp, w) in enumerate(zip(self.inputs, self.weights))),
+            *(f"  input {j}: {inp['path']} (weight {w:g})"
+              for j, (inp, w) in enumerate(zip(self.inputs, self.weights))),
             *(f"  skipped: {s['path']} ({s['reason']})" for s in self.skipped_inputs),
             f"  modules: {len(self.modules)}, output rank: {ranks[0] if len(ranks) == 1 else ranks}, "
             f"dtype: {self.dtype}",
@@ -126,8 +129,7 @@ class _Plan:
     out_ranks: dict[str, int]
     full_keys: list[str]
     warnings: list[str]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (directory child, why it was left out)
     # scratch tensors by (tag, shape, parity); modules alternate parity so module i+1 can be
     # computed while module i's tensors are still being written by the background writer
     buffers: dict[tuple[str, tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
@@ -693,7 +695,13 @@ class _BaseMerge:
         self.tied_src: dict[str, str | None] = {}  # untied key -> adapter key of its pre-update value (None: base)
         self.notes: list[str] = []
         full_targets = {a: a[len(PEFT_PREFIX):].replace(".base_layer.", ".") for a in plan.full_keys}
-        tie = _tied_embedding_keys(self.dir, self.config, label)
+        # building the model class on the meta device takes seconds for a 7B config: only when an
+        # adapter tensor has the vocabulary size in its shape can it touch a (tied) embedding
+        text_cfg = self.config.get("text_config") if isinstance(self.config.get("text_config"), dict) else {}
+        vocab = self.config.get("vocab_size", text_cfg.get("vocab_size"))
+        maybe = vocab is None or any(vocab in m.a_shape + m.b_shape for m in first.modules.values()) or any(
+            vocab in first.info(a).shape for a in plan.full_keys)
+        tie = _tied_embedding_keys(self.dir, self.config, label) if maybe else None
         if tie is not None:
             touched = {f"{n}.weight" for n in plan.module_names} | set(full_targets.values())
             if touched & set(tie):

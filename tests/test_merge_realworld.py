@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from test_merge import _run_failing, assert_weighted_sum, load, make_adapter, make_base, tree_hash
+from test_merge import _run_failing, assert_weighted_sum, load, make_adapter, make_base
 from transformers import AutoModelForCausalLM
 
 from poc_lora.adapters import expand_adapter_inputs
@@ -189,7 +189,8 @@ def test_shape_mismatch_with_base_names_tensor_and_both_shapes(tmp_path, capsys)
     other = make_base(num_hidden_layers=1, hidden_size=8)
     wide = [make_adapter(tmp_path / f"w{j}", other, j, r=2, lora_alpha=4, target_modules=["q_proj"]) for j in range(2)]
     out = tmp_path / "out"
-    for dirs, needles in ((vocab, ["lora_embedding_A [2, 50]", "[50, 16]", "model.embed_tokens.weight of shape [48, 16]"]),
+    for dirs, needles in ((vocab, ["lora_embedding_A [2, 50]", "[50, 16]",
+                                   "model.embed_tokens.weight of shape [48, 16]"]),
                           (wide, ["q_proj.lora_A.weight [2, 8]", "[8, 8]", "q_proj.weight of shape [16, 16]"])):
         err = _run_failing(["merge", *map(str, dirs), "--output", str(out), "--merge-into-base",
                             "--base-model", str(tmp_path / "base")], out, capsys)
@@ -323,7 +324,8 @@ def llama_embed_pair(tmp_path_factory):
     base = make_base(num_hidden_layers=1)
     dirs = [make_adapter(root / f"e{j}", base, 90 + j, r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"])
             for j in range(2)]
-    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(str(dirs[0] / "adapter_model.safetensors"))
+    saved = load_file(str(dirs[0] / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in saved  # PEFT's copy of the base embedding
     return base, dirs
 
 
