@@ -178,6 +178,25 @@ def test_tied_embeddings_kept_when_adapter_touches_neither(tied_base, tmp_path):
     assert rel(logits(written), logits(want)) < 1e-5
 
 
+def test_alora_is_not_merged_into_base(tmp_path):
+    """An aLoRA acts only after its invocation tokens: merging it into the weights would make it
+    act on every token, so only the adapter merge is allowed."""
+    base = make_base(num_hidden_layers=1)
+    base.save_pretrained(str(tmp_path / "base"))
+    dirs = []
+    for j in range(2):
+        d = make_adapter(tmp_path / f"a{j}", base, j, r=2, lora_alpha=4, target_modules=["q_proj"])
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg["alora_invocation_tokens"] = [3, 5]
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        dirs.append(d)
+    with pytest.raises(ConfigError, match="aLoRA"):
+        merge_adapters(dirs, tmp_path / "model", merge_into_base=True, base_model=tmp_path / "base")
+    assert no_output_left(tmp_path / "model")
+    merge_adapters(dirs, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["alora_invocation_tokens"] == [3, 5]
+
+
 # ------------------------------------------------------------------ 4. shapes against the base
 def test_shape_mismatch_with_base_names_tensor_and_both_shapes(tmp_path, capsys):
     base = make_base(num_hidden_layers=1)
