@@ -538,6 +538,8 @@ def _resolve_base(base_model: str | Path) -> Path:
     p = Path(base_model)
     if p.is_dir():
         return p
+    if p.exists():
+        raise AdapterError(f"base model {base_model}: {p} is a file, not a model directory")
     try:
         from huggingface_hub import snapshot_download
 

@@ -46,7 +46,8 @@ def no_output_left(out: Path) -> bool:
 @pytest.fixture(scope="module")
 def quant_setup(tmp_path_factory):
     """A float base (64 wide: bitsandbytes' 4-bit packing needs it), two adapters for it, and
-    the same base quantized by bitsandbytes and saved with save_pretrained on the CPU."""
+    the same base quantized by bitsandbytes (LLM.int8 and double-quantized NF4) and saved with
+    save_pretrained on the CPU: real checkpoints, as bitsandbytes writes them."""
     from transformers import BitsAndBytesConfig
 
     root = tmp_path_factory.mktemp("quant")
@@ -54,15 +55,20 @@ def quant_setup(tmp_path_factory):
     base.save_pretrained(str(root / "fp32"))
     dirs = [make_adapter(root / f"a{j}", base, j, r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
             for j in range(2)]
-    for name, q in (("int8", BitsAndBytesConfig(load_in_8bit=True)), ("nf4", BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))):
-        AutoModelForCausalLM.from_pretrained(str(root / "fp32"), quantization_config=q,
-                                             device_map="cpu").save_pretrained(str(root / name))
-    # the int8 checkpoint with its quantization_config removed: caught by its tensors alone
-    shutil.copytree(root / "int8", root / "int8_noconfig")
-    cfg = json.loads((root / "int8_noconfig" / "config.json").read_text())
-    del cfg["quantization_config"]
-    (root / "int8_noconfig" / "config.json").write_text(json.dumps(cfg))
+    try:
+        import bitsandbytes  # noqa: F401  (the "quant" extra)
+    except ImportError:
+        pass
+    else:
+        for name, q in (("int8", BitsAndBytesConfig(load_in_8bit=True)), ("nf4", BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))):
+            AutoModelForCausalLM.from_pretrained(str(root / "fp32"), quantization_config=q,
+                                                 device_map="cpu").save_pretrained(str(root / name))
+        # the int8 checkpoint with its quantization_config removed: caught by its tensors alone
+        shutil.copytree(root / "int8", root / "int8_noconfig")
+        cfg = json.loads((root / "int8_noconfig" / "config.json").read_text())
+        del cfg["quantization_config"]
+        (root / "int8_noconfig" / "config.json").write_text(json.dumps(cfg))
     # a plain quantization_config (any method) on float tensors
     shutil.copytree(root / "fp32", root / "fp8cfg")
     cfg = json.loads((root / "fp8cfg" / "config.json").read_text())
@@ -85,6 +91,8 @@ def quant_setup(tmp_path_factory):
 ])
 def test_quantized_base_is_refused_before_writing(quant_setup, kind, needle, tmp_path, capsys):
     root, dirs = quant_setup
+    if not (root / kind).exists():
+        pytest.skip("bitsandbytes (extra 'quant') is not installed")
     out = tmp_path / "merged_model"
     err = _run_failing(["merge", *map(str, dirs), "--output", str(out), "--merge-into-base",
                         "--base-model", str(root / kind)], out, capsys)
@@ -506,15 +514,18 @@ def test_unreadable_adapter_inputs(layout_set, case, tmp_path, capsys):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("case", ["truncated_shard", "no_config", "garbage_index"])
+@pytest.mark.parametrize("case", ["truncated_shard", "no_config", "garbage_index", "file_for_dir"])
 def test_unreadable_base_model(layout_set, case, tmp_path, capsys):
     base, a0, a1, _ = layout_set
     b = tmp_path / "base"
     base.save_pretrained(str(b), max_shard_size="4KB")
     shard = sorted(b.glob("model-*.safetensors"))[0]
     name = {"truncated_shard": shard, "no_config": b / "config.json",
-            "garbage_index": b / "model.safetensors.index.json"}[case]
-    if case == "truncated_shard":
+            "garbage_index": b / "model.safetensors.index.json", "file_for_dir": b}[case]
+    if case == "file_for_dir":
+        shutil.rmtree(b)
+        b.write_text("not a model")
+    elif case == "truncated_shard":
         _truncate(shard)
     elif case == "no_config":
         (b / "config.json").unlink()
