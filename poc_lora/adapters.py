@@ -2,9 +2,14 @@
 
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or a
 legacy ``adapter_model.bin``). :func:`load_adapter` reads the config, refuses anything whose
-update is not ``s * B @ A`` (DoRA, KaSA, QALoRA, other PEFT types...), parses the tensor keys
-into :class:`LoraModule` records (rank, alpha, scale resolved per module, ``rank_pattern`` /
-``alpha_pattern`` / rsLoRA included) and gives lazy access to the tensors.
+update is not ``s * B @ A`` on the unmodified base (an allowlist of config fields and
+``init_lora_weights`` values: DoRA, KaSA, PiSSA, LoftQ, other PEFT types... are refused),
+parses the tensor keys into :class:`LoraModule` records (rank, alpha, scale resolved per
+module, ``rank_pattern`` / ``alpha_pattern`` / rsLoRA included; keys with or without PEFT's
+``base_model.model.`` prefix) and gives lazy access to the tensors.
+:func:`expand_adapter_inputs` turns the user's arguments into adapter directories by one
+documented rule. :func:`read_adapter_config` and :func:`load_adapter_state` are the safe
+readers for other commands (every failure is an :class:`AdapterError` naming the file).
 :class:`SafetensorsStreamWriter` writes a safetensors file tensor by tensor, so a merged
 adapter or model never sits in memory as a whole.
 
@@ -26,7 +31,7 @@ import pickle
 import re
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -46,21 +51,90 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
-# Config fields whose presence makes the update something other than s * B @ A (or adds
-# state we cannot combine), so averaging (B, A) blocks would be wrong: refuse them.
-_NONLINEAR_FIELDS = {
+# adapter_config.json is checked against an allowlist: a field is accepted only if it is known
+# to leave the update a plain s * B @ A on the unmodified base (or only selects where it goes).
+# A field that is not listed is accepted only when it is off (null / false / empty), so a
+# feature added by a later PEFT release is refused until someone checks what it does.
+_PLAIN_FIELDS = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+    "bias", "lora_bias", "modules_to_save", "runtime_config", "megatron_core", "qalora_group_size",
+    "alora_invocation_tokens",  # checked equal across inputs; refused for merge_into_base
+    # parameters of an initialisation; what matters is init_lora_weights (checked below)
+    "eva_config", "corda_config", "loftq_config", "lora_ga_config",
+})
+# Fields that must be off; the reason is given when one is on.
+_OFF_FIELDS = {
     "use_dora": "DoRA rescales W0 + s*B@A column-wise by a learned magnitude",
     "kasa_config": "KaSA inserts a learned diagonal between A and B and edits W0",
     "use_qalora": "QALoRA pools the input before A",
     "monteclora_config": "MonteCLoRA samples its update",
     "use_bdlora": "BD-LoRA constrains A or B to be block-diagonal",
     "arrow_config": "Arrow routes between adapters per token",
+    "velora_config": "VeLoRA changes how the LoRA path is computed",
     "trainable_token_indices": "trainable tokens are a separate, non-LoRA update",
     "target_parameters": "LoRA on nn.Parameter (MoE experts) uses another key layout",
+    "layer_replication": "layer replication changes the base model's layer stack",
+    "megatron_config": "Megatron parallel layers store sharded LoRA factors",
+    "ensure_weight_tying": "it ties modules_to_save / trainable tokens across tied modules",
 }
+# init_lora_weights values verified in PEFT's LoraLayer.update_layer to leave the base weight
+# untouched (so the trained adapter is s*B@A on the original base): True (kaiming A, zero B),
+# False (random B), "gaussian", "eva" (zero B, A set from activations), "orthogonal" (A, B from
+# a random orthogonal matrix). PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA subtract an initial update
+# from the base (or quantize it) and re-run that at load time; MiCA is a LoRA variant.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_CONVERTIBLE_INITS = ("pissa", "olora", "corda")
+_CONVERSION_RECIPE = (
+    "convert it to a plain LoRA first, as PEFT does: save the adapter right after get_peft_model "
+    "(before training) to INIT_DIR, then save the trained one with "
+    "model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR); OUT is a plain "
+    "LoRA of rank 2r on the original base that merges exactly"
+)
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and not value)
+
+
+def check_plain_lora_config(cfg: dict[str, Any], label: str, cfg_path: Path | str) -> None:
+    """Refuse a LoRA config whose update is not ``s * B @ A`` on the unmodified base.
+
+    An allowlist: fields in ``_PLAIN_FIELDS`` are accepted, fields in ``_OFF_FIELDS`` and any
+    unknown field only when off (null/false/empty), and ``init_lora_weights`` only with a
+    value in :data:`PLAIN_INITS`. PiSSA/OLoRA/CorDA adapters get PEFT's conversion recipe.
+
+    Raises:
+        AdapterError: naming ``label``, the file and the field.
+    """
+    init = cfg.get("init_lora_weights", True)
+    if not any(init is v or (isinstance(v, str) and init == v) for v in PLAIN_INITS):
+        where = f"{label}: init_lora_weights={init!r} in {cfg_path}"
+        if isinstance(init, str) and init.lower().startswith(_CONVERTIBLE_INITS):
+            raise AdapterError(
+                f"{where}: this initialisation subtracts an initial update from the base weights, and PEFT "
+                f"re-runs it when loading, so the adapter's tensors are not an update of the original base "
+                f"and cannot be merged as they are; {_CONVERSION_RECIPE}"
+            )
+        raise AdapterError(
+            f"{where}: only adapters initialised with {', '.join(map(repr, PLAIN_INITS))} are known to be "
+            f"a plain s*B@A on the unmodified base (LoftQ, LoRA-GA, MiCA and unknown initialisations are "
+            f"not); for PiSSA/OLoRA/CorDA {_CONVERSION_RECIPE}"
+        )
+    for name, value in cfg.items():
+        if name in _PLAIN_FIELDS or name == "init_lora_weights" or _is_off(value):
+            continue
+        why = _OFF_FIELDS.get(name, "this field is not known to leave the update a plain s*B@A")
+        raise AdapterError(
+            f"{label}: field {name}={value!r} in {cfg_path}: {why}, so its update is not "
+            f"s*B@A and cannot be merged by concatenating (B, A)"
+        )
+
 
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$"
@@ -81,6 +155,13 @@ class LoraModule:
     rank: int
     alpha: float
     scale: float
+
+    def peft_key(self, part: str) -> str:
+        """The key of ``part`` ("A", "B" or "bias") in PEFT's canonical layout."""
+        if part == "bias":
+            return f"{PEFT_PREFIX}{self.name}.lora_B.bias"
+        return f"{PEFT_PREFIX}{self.name}." + (f"lora_embedding_{part}" if self.kind == "embedding"
+                                               else f"lora_{part}.weight")
 
 
 @dataclass
@@ -201,11 +282,16 @@ class Adapter:
     weight_file: Path
     tensors: TensorFile
     modules: dict[str, LoraModule]
-    full_keys: list[str]  # modules_to_save weights, trained bias terms, saved embeddings
+    full_keys: list[str]  # modules_to_save weights, trained bias terms, saved embeddings (PEFT layout)
     template_record: dict[str, Any] | None = None
+    key_map: dict[str, str] = field(default_factory=dict)  # PEFT-layout key -> key in the file
+
+    def info(self, key: str) -> TensorInfo:
+        """dtype/shape of ``key`` (a key in PEFT's layout or in the file)."""
+        return self.tensors.info[self.key_map.get(key, key)]
 
     def read(self, key: str) -> torch.Tensor:
-        return self.tensors.read(key)
+        return self.tensors.read(self.key_map.get(key, key))
 
     def read_checked(self, key: str) -> torch.Tensor:
         t = self.read(key)
@@ -233,21 +319,73 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def resolve_adapter_dirs(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand the user's list: a directory without ``adapter_config.json`` that holds adapter
-    directories stands for those (sorted by name)."""
+MERGE_REPORT_NAME = "merge_report.json"  # marks a directory written by poc-lora merge
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
+
+
+def _natural_key(p: Path) -> list[Any]:
+    """adapter_2 before adapter_10: digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
+def expand_adapter_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand the user's adapter arguments by one predictable rule.
+
+    * A directory holding ``adapter_config.json`` is one input, whatever its name (an
+      explicitly named Trainer ``checkpoint-N`` or earlier merge is used as asked).
+    * Any other directory stands for its immediate children that hold ``adapter_config.json``,
+      in natural order (``adapter_2`` before ``adapter_10``), except Trainer ``checkpoint-N``
+      folders, earlier merge outputs (they hold ``merge_report.json``) and hidden folders.
+      A child with adapter weights but no ``adapter_config.json`` is an error (a broken
+      adapter is never skipped or replaced by one of its checkpoints); other children are
+      ignored. Nothing below the immediate children is looked at.
+
+    Returns ``(inputs, skipped)``; ``skipped`` lists ``(path, reason)`` for the children left
+    out, so a caller can show them.
+
+    Raises:
+        AdapterError: a path does not exist, is a file, a child is a broken adapter, or a
+            directory expands to no adapter (its checkpoints are named in the message).
+
+    Example:
+        >>> dirs, skipped = expand_adapter_inputs(["runs/"])  # doctest: +SKIP
+    """
     out: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if not p.exists():
             raise AdapterError(f"adapter directory {p} does not exist")
-        if p.is_dir() and not (p / CONFIG_NAME).exists():
-            subs = sorted(d for d in p.iterdir() if d.is_dir() and (d / CONFIG_NAME).exists())
-            if not subs:
-                raise AdapterError(f"{p} has no {CONFIG_NAME} and holds no adapter directories")
-            out.extend(subs)
-        else:
+        if not p.is_dir():
+            raise AdapterError(f"{p} is a file, not an adapter directory (pass the directory holding {CONFIG_NAME})")
+        if (p / CONFIG_NAME).exists():
             out.append(p)
-    return out
+            continue
+        found: list[Path] = []
+        checkpoints: list[Path] = []
+        for d in sorted((d for d in p.iterdir() if d.is_dir()), key=_natural_key):
+            if d.name.startswith("."):
+                continue
+            if _CHECKPOINT_DIR.match(d.name):
+                checkpoints.append(d)
+                skipped.append((d, "a Trainer checkpoint"))
+            elif (d / MERGE_REPORT_NAME).exists():
+                skipped.append((d, f"an earlier merge output ({MERGE_REPORT_NAME})"))
+            elif (d / CONFIG_NAME).exists():
+                found.append(d)
+            elif (d / SAFETENSORS_NAME).exists() or (d / BIN_NAME).exists():
+                raise AdapterError(f"{d} holds adapter weights but no {CONFIG_NAME}: a broken adapter; repair or "
+                                   f"remove it, or list the adapters to merge explicitly")
+        if not found:
+            hint = (f"; its Trainer checkpoints ({', '.join(c.name for c in checkpoints)}) are never used in place "
+                    f"of an adapter, pass one explicitly if you mean it") if checkpoints else ""
+            raise AdapterError(f"{p} has no {CONFIG_NAME} and holds no adapter directories{hint}")
+        out.extend(found)
+    return out, skipped
+
+
+def resolve_adapter_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """The inputs of :func:`expand_adapter_inputs`, without the skipped list."""
+    return expand_adapter_inputs(paths)[0]
 
 
 def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
@@ -265,13 +403,36 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def read_config(path: Path, label: str) -> dict[str, Any]:
+def read_adapter_config(path: str | Path, label: str | None = None) -> dict[str, Any]:
+    """Read and check ``<path>/adapter_config.json`` of a LoRA adapter directory.
+
+    Raises:
+        AdapterError: naming the directory or file when ``path`` is not a directory, the
+            config is missing, a directory, empty, not JSON, not a LORA config, or describes
+            an update that is not a plain ``s * B @ A`` (see :func:`check_plain_lora_config`).
+
+    Example:
+        >>> cfg = read_adapter_config("runs/adapter_0")  # doctest: +SKIP
+        >>> cfg["r"]  # doctest: +SKIP
+    """
+    path = Path(path)
+    label = label or f"adapter {path}"
+    if not path.exists():
+        raise AdapterError(f"{label}: {path} does not exist")
+    if not path.is_dir():
+        raise AdapterError(f"{label}: {path} is a file, not an adapter directory (pass the directory holding "
+                           f"{CONFIG_NAME} and {SAFETENSORS_NAME})")
     cfg_path = path / CONFIG_NAME
+    if cfg_path.is_dir():
+        raise AdapterError(f"{label}: {cfg_path} is a directory, not a JSON file")
     if not cfg_path.is_file():
         raise AdapterError(f"{label}: {cfg_path} not found (not a PEFT adapter directory)")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        text = cfg_path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise AdapterError(f"{label}: {cfg_path} is empty")
+        cfg = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{label}: cannot parse {cfg_path}: {exc}") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{label}: {cfg_path} is not a JSON object")
@@ -280,41 +441,97 @@ def read_config(path: Path, label: str) -> dict[str, Any]:
         raise AdapterError(
             f"{label}: peft_type is {cfg.get('peft_type')!r} in {cfg_path}; only LORA adapters can be merged"
         )
-    for name, why in _NONLINEAR_FIELDS.items():
-        if cfg.get(name):
-            raise AdapterError(
-                f"{label}: field {name}={cfg[name]!r} in {cfg_path}: {why}, so its update is not "
-                f"s*B@A and cannot be merged by concatenating (B, A)"
-            )
+    check_plain_lora_config(cfg, label, cfg_path)
     for name in ("r", "lora_alpha"):
         if not isinstance(cfg.get(name), (int, float)) or cfg[name] <= 0:
             raise AdapterError(f"{label}: field {name} in {cfg_path} must be a positive number, got {cfg.get(name)!r}")
     return cfg
 
 
-def _weight_file(path: Path, label: str) -> Path:
+def adapter_weight_file(path: str | Path, label: str | None = None) -> Path:
+    """``adapter_model.safetensors`` (preferred) or ``adapter_model.bin`` in ``path``.
+
+    Raises:
+        AdapterError: naming the file when neither exists or one is not a regular file.
+    """
+    path = Path(path)
+    label = label or f"adapter {path}"
     for name in (SAFETENSORS_NAME, BIN_NAME):
         if (path / name).is_file():
             return path / name
+        if (path / name).exists():
+            raise AdapterError(f"{label}: {path / name} is not a regular file (a directory?)")
     raise AdapterError(f"{label}: neither {SAFETENSORS_NAME} nor {BIN_NAME} found in {path}")
 
 
-def _module_name(prefix: str) -> str:
-    return prefix[len(PEFT_PREFIX):] if prefix.startswith(PEFT_PREFIX) else prefix
+def open_adapter_weights(path: str | Path, label: str | None = None) -> TensorFile:
+    """Open the adapter's weight file lazily (safetensors validated, ``.bin`` weights-only).
+
+    Raises:
+        AdapterError: naming the file when it is missing, empty, truncated, not safetensors, or
+            a pickle holding anything but tensors (nothing in it runs).
+    """
+    path = Path(path)
+    label = label or f"adapter {path}"
+    weight_file = adapter_weight_file(path, label)
+    if weight_file.stat().st_size == 0:
+        raise AdapterError(f"{label}: {weight_file} is empty")
+    return TensorFile(weight_file, label)
 
 
-def parse_modules(cfg: dict[str, Any], tensors: TensorFile, label: str) -> tuple[dict[str, LoraModule], list[str]]:
-    """Group LoRA keys by module and resolve each module's rank, alpha and scale."""
+def load_adapter_state(path: str | Path, label: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of an adapter directory's weight file, read safely, as a dict.
+
+    Example:
+        >>> sd = load_adapter_state("runs/adapter_0")  # doctest: +SKIP
+
+    Raises:
+        AdapterError: as :func:`open_adapter_weights`.
+    """
+    tf = open_adapter_weights(path, label)
+    try:
+        return {k: tf.read(k) for k in tf.keys()}
+    finally:
+        tf.close()
+
+
+def _canonical_layout(keys: list[str], label: str, path: Path) -> dict[str, str]:
+    """Map each key to PEFT's canonical layout (``base_model.model.<module>...``).
+
+    PEFT saves every key with the ``base_model.model.`` prefix and loads nothing from keys
+    without it (they are reported as unexpected and the LoRA stays at its initial value).
+    Files written by other tools often drop the prefix; their keys are then module paths of
+    the base model and mean the same thing. A file that mixes both layouts is ambiguous.
+    """
+    with_prefix = [k for k in keys if k.startswith(PEFT_PREFIX)]
+    without = [k for k in keys if not k.startswith(PEFT_PREFIX)]
+    if with_prefix and without:
+        raise AdapterError(
+            f"{label}: {path} mixes keys with the {PEFT_PREFIX!r} prefix (e.g. {with_prefix[0]}) and without it "
+            f"(e.g. {without[0]}); PEFT's layout prefixes every key, so this file is ambiguous"
+        )
+    if without:
+        logger.info("%s: keys in %s lack PEFT's %r prefix; read as module paths of the base", label, path, PEFT_PREFIX)
+    return {(k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): k for k in keys}
+
+
+def parse_modules(cfg: dict[str, Any], tensors: TensorFile, label: str) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """Group LoRA keys by module and resolve each module's rank, alpha and scale.
+
+    Returns the modules (named by their path in the base model) and the non-LoRA tensors
+    (modules_to_save, trained biases, PEFT's saved embedding copies) as a map from the key in
+    PEFT's canonical layout to the key in the file.
+    """
     parts: dict[str, dict[str, str]] = {}
-    full: list[str] = []
-    for key in tensors.keys():
-        m = _LORA_KEY.match(key)
+    full: dict[str, str] = {}
+    for canon, key in _canonical_layout(tensors.keys(), label, tensors.path).items():
+        m = _LORA_KEY.match(canon)
         if m:
             parts.setdefault(m["module"], {})[m["part"]] = key
-        elif "lora_" in key:
+        elif "lora_" in canon:
             raise AdapterError(f"{label}: unsupported LoRA tensor {key} (DoRA magnitude, unsaved adapter name, ...)")
         else:
-            full.append(key)
+            full[canon] = key
     modules: dict[str, LoraModule] = {}
     use_rslora = bool(cfg.get("use_rslora", False))
     for prefix, p in sorted(parts.items()):
@@ -329,7 +546,7 @@ def parse_modules(cfg: dict[str, Any], tensors: TensorFile, label: str) -> tuple
             raise AdapterError(
                 f"{label}: module {prefix}: inconsistent shapes {a_part} {list(a_shape)} and {b_part} {list(b_shape)}"
             )
-        name = _module_name(prefix)
+        name = prefix[len(PEFT_PREFIX):]
         rank = a_shape[0]
         r_cfg = pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"])
         if int(r_cfg) != rank:
@@ -343,18 +560,23 @@ def parse_modules(cfg: dict[str, Any], tensors: TensorFile, label: str) -> tuple
         )
     if not modules:
         raise AdapterError(f"{label}: {tensors.path} holds no LoRA tensors")
-    return modules, sorted(full)
+    return modules, dict(sorted(full.items()))
 
 
 def load_adapter(path: str | Path, label: str | None = None) -> Adapter:
-    """Read and validate one adapter directory (tensors stay on disk until read)."""
+    """Read and validate one adapter directory (tensors stay on disk until read).
+
+    Raises:
+        AdapterError: naming the directory or file for every unreadable or unsupported input
+            (see :func:`read_adapter_config`, :func:`open_adapter_weights`).
+    """
     from .data.templates import TEMPLATE_RECORD_FILE
 
     path = Path(path)
     label = label or f"adapter {path}"
-    cfg = read_config(path, label)
-    weight_file = _weight_file(path, label)
-    tensors = TensorFile(weight_file, label)
+    cfg = read_adapter_config(path, label)
+    tensors = open_adapter_weights(path, label)
+    weight_file = tensors.path
     try:
         modules, full = parse_modules(cfg, tensors, label)
     except BaseException:
@@ -365,10 +587,10 @@ def load_adapter(path: str | Path, label: str | None = None) -> Adapter:
     if rec_path.is_file():
         try:
             record = json.loads(rec_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             tensors.close()
             raise AdapterError(f"{label}: cannot parse {rec_path}: {exc}") from None
-    return Adapter(path, label, cfg, weight_file, tensors, modules, full, record)
+    return Adapter(path, label, cfg, weight_file, tensors, modules, list(full), record, full)
 
 
 def is_inside(child: Path, parent: Path) -> bool:

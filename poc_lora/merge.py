@@ -16,7 +16,9 @@ the ``A_j``. Methods:
   is ``dW``; reproducible with ``seed``.
 * ``soup``: A's and B's averaged separately. A baseline, not the paper's method.
 
-With ``merge_into_base`` the merged update is added to the base weights shard by shard.
+With ``merge_into_base`` the merged update is added to the base weights shard by shard; a
+quantized base is refused, and tied input/output embeddings are untied where the adapter
+changes one side (so the written model computes what the PEFT-loaded adapter computes).
 
 Example:
     >>> from poc_lora import merge_adapters
@@ -43,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .adapters import (
     CONFIG_NAME,
+    MERGE_REPORT_NAME,
     PEFT_PREFIX,
     SAFETENSORS_NAME,
     Adapter,
@@ -51,8 +54,8 @@ from .adapters import (
     TensorFile,
     check_finite,
     check_output_not_input,
+    expand_adapter_inputs,
     load_adapter,
-    resolve_adapter_dirs,
     sha256_file,
 )
 from .errors import AdapterError, ConfigError
@@ -62,7 +65,7 @@ from .runtime import torch_threads
 logger = logging.getLogger(__name__)
 
 METHODS = ("poc", "svd", "prune", "soup")
-REPORT_NAME = "merge_report.json"
+REPORT_NAME = MERGE_REPORT_NAME
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # eigenvalues of a float64 Gram matrix below this fraction of the largest are rounding noise
 _EIG_RTOL = 1e-12
@@ -85,6 +88,8 @@ class MergeReport:
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     overall: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was done beyond the merge itself (untying...)
+    skipped_inputs: list[dict[str, str]] = field(default_factory=list)  # directory children left out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +100,9 @@ class MergeReport:
         ranks = sorted(set(self.output_ranks.values()))
         lines = [
             f"merged {len(self.inputs)} adapters with method={self.method} into {self.output}",
+            *(f"  input {j}: {inp['path']} (weight {w:g})"
+              for j, (inp, w) in enumerate(zip(self.inputs, self.weights))),
+            *(f"  skipped: {s['path']} ({s['reason']})" for s in self.skipped_inputs),
             f"  modules: {len(self.modules)}, output rank: {ranks[0] if len(ranks) == 1 else ranks}, "
             f"dtype: {self.dtype}",
             f"  weights: {', '.join(f'{w:g}' for w in self.weights)}",
@@ -103,6 +111,7 @@ class MergeReport:
         ]
         if self.method != "poc":
             lines.append(f"  relative error of the written update vs the exact merge: {o['rel_error']:.4g}")
+        lines.extend(f"  note: {n}" for n in self.notes)
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -120,6 +129,7 @@ class _Plan:
     out_ranks: dict[str, int]
     full_keys: list[str]
     warnings: list[str]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (directory child, why it was left out)
     # scratch tensors by (tag, shape, parity); modules alternate parity so module i+1 can be
     # computed while module i's tensors are still being written by the background writer
     buffers: dict[tuple[str, tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
@@ -174,7 +184,7 @@ def _validate(adapters: list[Adapter], allow_different_base: bool) -> None:
                     f"{first.label} has A {list(ref.a_shape)} / B {list(ref.b_shape)}"
                 )
         for key in ad.full_keys:
-            s, r = ad.tensors.info[key].shape, first.tensors.info[key].shape
+            s, r = ad.info(key).shape, first.info(key).shape
             if s != r:
                 raise AdapterError(f"{ad.label}: tensor {key} has shape {list(s)} but {first.label} has {list(r)}")
 
@@ -202,7 +212,10 @@ def _plan(adapter_dirs: Sequence[str | Path], output: Path, method: str, weights
           overwrite: bool, allow_different_base: bool) -> _Plan:
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    dirs = resolve_adapter_dirs(adapter_dirs)
+    dirs, skipped = expand_adapter_inputs(adapter_dirs)
+    for d, why in skipped:
+        logger.info("skipped %s: %s", d, why)
+    logger.info("merging %d adapters: %s", len(dirs), ", ".join(map(str, dirs)))
     check_output_not_input(output, dirs)
     check_output_path(output, overwrite)
     if method in ("svd", "prune"):
@@ -225,8 +238,8 @@ def _plan(adapter_dirs: Sequence[str | Path], output: Path, method: str, weights
         _validate(adapters, allow_different_base)
         names = sorted(adapters[0].modules)
         out_ranks = _output_ranks(adapters, method, rank, names)
-        if (method == "soup" or adapters[0].full_keys) and abs(sum(weights)) < 1e-12:
-            raise ConfigError("the weights sum to 0, so A (soup) or modules_to_save/bias tensors cannot be averaged")
+        if abs(sum(weights)) < 1e-12:
+            _check_zero_sum(adapters, method)
     except BaseException:
         for ad in adapters:
             ad.close()
@@ -234,7 +247,22 @@ def _plan(adapter_dirs: Sequence[str | Path], output: Path, method: str, weights
     if out_dtype is None:  # the inputs' dtype, or float32 when they disagree
         in_dtypes = {ad.tensors.info[m.a_key].dtype for ad in adapters for m in ad.modules.values()}
         out_dtype = in_dtypes.pop() if len(in_dtypes) == 1 else torch.float32
-    return _Plan(adapters, weights, method, rank, seed, out_dtype, names, out_ranks, adapters[0].full_keys, [])
+    return _Plan(adapters, weights, method, rank, seed, out_dtype, names, out_ranks, adapters[0].full_keys, [],
+                 skipped)
+
+
+def _check_zero_sum(adapters: list[Adapter], method: str) -> None:
+    """Weights summing to 0 leave an average undefined only for soup's A and for non-LoRA
+    tensors that differ between the inputs; identical copies (PEFT's saved copy of the base
+    embedding, an untrained modules_to_save) are kept as they are."""
+    if method == "soup":
+        raise ConfigError("the weights sum to 0, so --method soup cannot average the A matrices")
+    for key in adapters[0].full_keys:
+        first = adapters[0].read(key)
+        for ad in adapters[1:]:
+            if not torch.equal(first, ad.read(key)):
+                raise ConfigError(f"the weights sum to 0, so tensor {key} (modules_to_save / bias), which differs "
+                                  f"between {adapters[0].label} and {ad.label}, cannot be averaged")
 
 
 # ----------------------------------------------------------------------- the math
@@ -437,7 +465,10 @@ def _adapter_config(plan: _Plan) -> dict[str, Any]:
     cfg = dict(plan.adapters[0].config)
     counts = Counter(plan.out_ranks.values())
     r = counts.most_common(1)[0][0]
+    # init_lora_weights=True: the output is a plain LoRA, whatever (allowlisted) init the inputs had;
+    # PEFT would otherwise re-run e.g. "orthogonal" (which needs an even rank) when loading it
     cfg.update(r=r, lora_alpha=r, use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={},
+               init_lora_weights=True,
                lora_bias=any(m.bias_key for ad in plan.adapters for m in ad.modules.values()),
                inference_mode=True, velora_config=None)
     if len(counts) > 1:
@@ -466,13 +497,12 @@ def _adapter_specs(plan: _Plan) -> list[tuple[str, torch.dtype, tuple[int, ...]]
     specs = []
     for name in plan.module_names:
         m, k = first.modules[name], plan.out_ranks[name]
-        specs.append((m.a_key, plan.out_dtype, (k, *m.a_shape[1:])))
-        specs.append((m.b_key, plan.out_dtype, (m.b_shape[0], k, *m.b_shape[2:])))
+        specs.append((m.peft_key("A"), plan.out_dtype, (k, *m.a_shape[1:])))
+        specs.append((m.peft_key("B"), plan.out_dtype, (m.b_shape[0], k, *m.b_shape[2:])))
         if any(ad.modules[name].bias_key for ad in plan.adapters):
-            key = f"{PEFT_PREFIX}{name}.lora_B.bias"
-            specs.append((key, plan.out_dtype, (m.b_shape[0],)))
-    for key in plan.full_keys:
-        info = first.tensors.info[key]
+            specs.append((m.peft_key("bias"), plan.out_dtype, (m.b_shape[0],)))
+    for key in plan.full_keys:  # already in PEFT's layout
+        info = first.info(key)
         specs.append((key, plan.out_dtype if info.dtype.is_floating_point else info.dtype, info.shape))
     return specs
 
@@ -485,10 +515,10 @@ def _write_adapter(plan: _Plan, tmp: Path, gen: torch.Generator) -> dict[str, di
             plan.parity ^= 1
             res = _merge_module(plan, name, gen)
             m = plan.adapters[0].modules[name]
-            writer.write(m.a_key, res.a.to(plan.out_dtype))
-            writer.write(m.b_key, res.b.to(plan.out_dtype))
+            writer.write(m.peft_key("A"), res.a.to(plan.out_dtype))
+            writer.write(m.peft_key("B"), res.b.to(plan.out_dtype))
             if res.bias is not None:
-                writer.write(f"{PEFT_PREFIX}{name}.lora_B.bias", res.bias.to(plan.out_dtype))
+                writer.write(m.peft_key("bias"), res.bias.to(plan.out_dtype))
             per_module[name] = res.stats
         for key, dtype, _ in specs[len(specs) - len(plan.full_keys):]:
             writer.write(key, _merge_full(plan, key).to(dtype))
@@ -508,6 +538,8 @@ def _resolve_base(base_model: str | Path) -> Path:
     p = Path(base_model)
     if p.is_dir():
         return p
+    if p.exists():
+        raise AdapterError(f"base model {base_model}: {p} is a file, not a model directory")
     try:
         from huggingface_hub import snapshot_download
 
@@ -522,51 +554,231 @@ def _drop_first(key: str) -> str:
     return key.split(".", 1)[1] if "." in key else key
 
 
+# bitsandbytes (LLM.int8 .SCB/weight_format; 4-bit .absmax/.quant_map/.quant_state.*, nested_* with
+# double quantization) and GPTQ/AWQ (.qweight/.qzeros/.g_idx) state saved beside the weights
+_QUANT_KEY_SUFFIXES = (".SCB", ".weight_format", ".absmax", ".quant_map", ".qweight", ".qzeros", ".g_idx")
+_QUANT_KEY_PARTS = (".quant_state", ".nested_absmax", ".nested_quant_map")
+_QUANT_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+_BASE_CONFIG = "config.json"
+
+
+def _read_base_config(d: Path, label: str) -> dict[str, Any]:
+    path = d / _BASE_CONFIG
+    if not path.is_file():
+        raise AdapterError(f"{label}: {path} not found (not a transformers model directory)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{label}: cannot parse {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{label}: {path} is not a JSON object")
+    return cfg
+
+
+def _config_quantization(cfg: dict[str, Any]) -> str | None:
+    for c in (cfg, cfg.get("text_config")):
+        q = c.get("quantization_config") if isinstance(c, dict) else None
+        if q:
+            if not isinstance(q, dict):
+                return f"quantization_config={q!r} in config.json"
+            bits = [k for k in ("load_in_8bit", "load_in_4bit") if q.get(k)]
+            return (f"quantization_config with quant_method={q.get('quant_method', 'unknown')!r}"
+                    + (f" ({', '.join(bits)})" if bits else "") + " in config.json")
+    return None
+
+
+def _tensor_quantization(files: dict[str, TensorFile]) -> str | None:
+    for f in files.values():
+        for key, info in f.info.items():
+            if key.endswith(_QUANT_KEY_SUFFIXES) or any(part in key for part in _QUANT_KEY_PARTS):
+                return f"quantization state tensor {key} in {f.path.name}"
+            if key.endswith(".weight") and info.dtype in _QUANT_DTYPES:
+                return f"weight {key} stored as {str(info.dtype).replace('torch.', '')} in {f.path.name}"
+    return None
+
+
+def _refuse_quantized(label: str, what: str) -> None:
+    raise ConfigError(
+        f"{label} is quantized ({what}): adding the merged update to quantized weights would round it away "
+        f"or corrupt them, so nothing was written. Dequantize the base first (e.g. load it with transformers, "
+        f"call model.dequantize() and save_pretrained it in bfloat16/float32) and merge into that, or keep the "
+        f"merged adapter unmerged (drop --merge-into-base) and load it on the quantized base with PEFT"
+    )
+
+
+def _tied_embedding_keys(d: Path, cfg: dict[str, Any], label: str) -> tuple[str, str] | None:
+    """``(input embedding key, output embedding key)`` when the base ties them, else None.
+
+    Which modules are the embeddings is asked of transformers: the model class is built on the
+    meta device (no weights, no memory) from the local config, without remote code.
+    """
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(d), trust_remote_code=False)
+        tied = getattr(config, "tie_word_embeddings", None)
+        if tied is None:
+            tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+        if not tied:
+            return None
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        with torch.device("meta"):
+            model = cls(config) if cls is not None else transformers.AutoModelForCausalLM.from_config(config)
+        names = {id(m): n for n, m in model.named_modules()}
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp is None or out is None:
+            return None
+        return f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"
+    except Exception as exc:  # an architecture this transformers does not know
+        if cfg.get("tie_word_embeddings") is False:
+            return None
+        raise ConfigError(f"{label}: cannot tell whether (and which) input and output embeddings are tied, "
+                          f"since transformers cannot build its architecture ({type(exc).__name__}: {exc})") from None
+
+
+def _set_everywhere(cfg: dict[str, Any], **values: Any) -> dict[str, Any]:
+    """``cfg`` with ``values`` set at the top level and in a nested ``text_config`` that has them."""
+    cfg = dict(cfg, **values)
+    if isinstance(cfg.get("text_config"), dict):
+        cfg["text_config"] = dict(cfg["text_config"], **{k: v for k, v in values.items() if k in cfg["text_config"]})
+    return cfg
+
+
 class _BaseMerge:
-    """Adds the merged update to the base model's safetensors shards, one tensor at a time."""
+    """Adds the merged update to the base model's safetensors shards, one tensor at a time.
+
+    Everything is checked here, before the output exists: the base is not quantized, every
+    adapter tensor's shape fits the base tensor it updates, and tied input/output embeddings
+    are untied in the written model when the adapter changes one of them (PEFT's loaded
+    adapter changes only that side; keeping the tie would apply the change to both).
+    """
 
     def __init__(self, plan: _Plan, base_model: str | Path, dtype: torch.dtype | None):
         self.plan, self.dir, self.dtype = plan, _resolve_base(base_model), dtype
-        label = f"base model {base_model}"
+        self.files: dict[str, TensorFile] = {}
+        try:
+            self._check_and_map(f"base model {base_model}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_and_map(self, label: str) -> None:
+        plan = self.plan
+        self.label = label
+        first = plan.adapters[0]
+        if first.config.get("alora_invocation_tokens"):
+            raise ConfigError(f"{first.label}: an aLoRA adapter acts only after its invocation tokens; merged "
+                              f"into the weights it would act on every token. Keep the merged adapter unmerged")
+        self.config = _read_base_config(self.dir, label)
+        quant = _config_quantization(self.config)
+        if quant:
+            _refuse_quantized(label, quant)
         index_path = self.dir / _INDEX_NAME
         if index_path.is_file():
-            self.index = json.loads(index_path.read_text(encoding="utf-8"))
-            shard_names = sorted(set(self.index["weight_map"].values()))
+            try:
+                self.index = json.loads(index_path.read_text(encoding="utf-8"))
+                shard_names = sorted(set(self.index["weight_map"].values()))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise AdapterError(f"{label}: cannot parse {index_path}: {type(exc).__name__}: {exc}") from None
         elif (self.dir / "model.safetensors").is_file():
             self.index, shard_names = None, ["model.safetensors"]
         else:
             raise AdapterError(f"{label}: {self.dir} holds no model.safetensors or {_INDEX_NAME} "
                                f"(only safetensors checkpoints can be merged into)")
-        self.files = {n: TensorFile(self.dir / n, label) for n in shard_names}
+        for n in shard_names:
+            self.files[n] = TensorFile(self.dir / n, label)
+        quant = _tensor_quantization(self.files)
+        if quant:
+            _refuse_quantized(label, quant)
         where = {k: n for n, f in self.files.items() for k in f.keys()}
+        self.info = {k: self.files[n].info[k] for k, n in where.items()}
+        self.extra: dict[str, list[str]] = {}  # shard -> keys written that the base does not store
+        self.tied_src: dict[str, str | None] = {}  # untied key -> adapter key of its pre-update value (None: base)
+        self.notes: list[str] = []
+        full_targets = {a: a[len(PEFT_PREFIX):].replace(".base_layer.", ".") for a in plan.full_keys}
+        # building the model class on the meta device takes seconds for a 7B config: only when an
+        # adapter tensor has the vocabulary size in its shape can it touch a (tied) embedding
+        text_cfg = self.config.get("text_config") if isinstance(self.config.get("text_config"), dict) else {}
+        vocab = self.config.get("vocab_size", text_cfg.get("vocab_size"))
+        maybe = vocab is None or any(vocab in m.a_shape + m.b_shape for m in first.modules.values()) or any(
+            vocab in first.info(a).shape for a in plan.full_keys)
+        tie = _tied_embedding_keys(self.dir, self.config, label) if maybe else None
+        if tie is not None:
+            touched = {f"{n}.weight" for n in plan.module_names} | set(full_targets.values())
+            if touched & set(tie):
+                self._untie(tie, where, full_targets)
 
         def find(key: str, what: str) -> str:
             for cand in (key, _drop_first(key)):
-                if cand in where:
+                if cand in self.info:
                     return cand
-            raise AdapterError(f"{plan.adapters[0].label}: {what} {key} has no counterpart in {label}")
+            raise AdapterError(f"{first.label}: {what} {key} has no counterpart in {label}")
 
         self.lora: dict[str, str] = {}  # base key -> module (weight += dW)
         self.bias: dict[str, str] = {}  # base key -> module (bias += merged lora_B bias)
         self.full: dict[str, str] = {}  # base key -> adapter key (replaced)
-        fan = bool(plan.adapters[0].config.get("fan_in_fan_out"))
+        fan = bool(first.config.get("fan_in_fan_out"))
         for name in plan.module_names:
-            m = plan.adapters[0].modules[name]
+            m = first.modules[name]
             key = find(f"{name}.weight", "module")
-            shape = self.files[where[key]].info[key].shape
+            shape = self.info[key].shape
             rows, cols = m.b_shape[0], math.prod(m.a_shape[1:])
             if m.kind == "embedding" or fan:
                 rows, cols = cols, rows
             if math.prod(shape) != rows * cols or shape[0] != rows:
-                raise AdapterError(f"{plan.adapters[0].label}: module {name} updates a {rows} x {cols} matrix "
-                                   f"but {label} has {key} of shape {list(shape)}")
+                raise AdapterError(
+                    f"{first.label}: {m.a_key} {list(m.a_shape)} and {m.b_key} {list(m.b_shape)} make an update "
+                    f"of shape [{rows}, {cols}] but {label} has {key} of shape {list(shape)} (an adapter for a "
+                    f"resized vocabulary or another base?)")
             self.lora[key] = name
             if any(ad.modules[name].bias_key for ad in plan.adapters):
-                self.bias[find(f"{name}.bias", "lora_bias of module")] = name
-        for akey in plan.full_keys:
-            self.full[find(akey[len(PEFT_PREFIX):].replace(".base_layer.", "."), "tensor")] = akey
+                bkey = find(f"{name}.bias", "lora_bias of module")
+                if self.info[bkey].shape != (m.b_shape[0],):
+                    raise AdapterError(f"{first.label}: the lora_B bias of {name} has shape [{m.b_shape[0]}] but "
+                                       f"{label} has {bkey} of shape {list(self.info[bkey].shape)}")
+                self.bias[bkey] = name
+        for akey, target in full_targets.items():
+            if target in self.tied_src:
+                continue
+            key = find(target, "tensor")
+            if first.info(akey).shape != self.info[key].shape:
+                raise AdapterError(
+                    f"{first.label}: tensor {akey} has shape {list(first.info(akey).shape)} but {label} has {key} "
+                    f"of shape {list(self.info[key].shape)} (an adapter for a resized vocabulary or another base?)")
+            self.full[key] = akey
         self.where = where
-        self.out_dtype = dtype or next(iter(self.files.values())).info[next(iter(where))].dtype
+        self.out_dtype = self.dtype or next(iter(self.files.values())).info[next(iter(where))].dtype
+
+    def _untie(self, tie: tuple[str, str], where: dict[str, str], full_targets: dict[str, str]) -> None:
+        """Write both embeddings explicitly: each gets the value PEFT's loaded adapter gives it.
+
+        PEFT saves a copy of a tied embedding it wraps with LoRA (``...base_layer.weight``) and
+        loads it into the shared tensor, so it reaches both sides; a ``modules_to_save`` copy
+        replaces one side only; a LoRA update applies to its own side only.
+        """
+        stored = [k for k in tie if k in where]
+        if not stored:
+            raise AdapterError(f"{self.label}: neither tied embedding ({', '.join(tie)}) is in its safetensors files")
+        shared_copy = next((a for a, t in full_targets.items() if t in tie and ".base_layer." in a), None)
+        for key in tie:
+            own = next((a for a, t in full_targets.items() if t == key and ".base_layer." not in a), None)
+            self.tied_src[key] = src = own or shared_copy  # None: the base's own tensor
+            if src is not None and self.plan.adapters[0].info(src).shape != self.info[stored[0]].shape:
+                raise AdapterError(
+                    f"{self.plan.adapters[0].label}: tensor {src} has shape "
+                    f"{list(self.plan.adapters[0].info(src).shape)} but {self.label} has {stored[0]} of shape "
+                    f"{list(self.info[stored[0]].shape)} (an adapter for a resized vocabulary?)")
+        for key in tie:
+            if key not in where:  # written beside the tensor it was tied to
+                where[key] = where[stored[0]]
+                self.info[key] = self.info[stored[0]]
+                self.extra.setdefault(where[key], []).append(key)
+        self.shared_key = stored[0]
+        msg = (f"untied {tie[0]} and {tie[1]} in the written model (tie_word_embeddings=false, both stored): the "
+               f"adapter changes them differently, as the PEFT-loaded adapter does, which a tied model cannot express")
+        self.notes.append(msg)
+        logger.warning(msg)
 
     def close(self) -> None:
         for f in self.files.values():
@@ -575,17 +787,26 @@ class _BaseMerge:
     def _dtype(self, info) -> torch.dtype:
         return self.dtype if self.dtype is not None and info.dtype.is_floating_point else info.dtype
 
+    def _source(self, key: str, f: TensorFile, merge_full) -> torch.Tensor:
+        """The tensor ``key`` before the merged update is added."""
+        if key in self.tied_src:
+            src = self.tied_src[key]
+            if src is not None:
+                return merge_full(src)
+            return f.read(key if key in f.info else self.shared_key)
+        return merge_full(self.full[key]) if key in self.full else f.read(key)
+
     def write(self, tmp: Path, merge_module, merge_full) -> dict[str, dict[str, Any]]:
         per_module: dict[str, dict[str, Any]] = {}
         total = 0
         bar = tqdm(total=len(self.lora), desc=f"merge into base ({self.plan.method})", unit="module")
         for shard, f in self.files.items():
-            keys = sorted(f.keys(), key=lambda k: f.info[k].start)
-            specs = [(k, self._dtype(f.info[k]), f.info[k].shape) for k in keys]
+            keys = sorted(f.keys(), key=lambda k: f.info[k].start) + self.extra.get(shard, [])
+            specs = [(k, self._dtype(self.info[k]), self.info[k].shape) for k in keys]
             total += sum(math.prod(s) * torch.empty(0, dtype=d).element_size() for _, d, s in specs)
             with SafetensorsStreamWriter(tmp / shard, specs, f.metadata or {"format": "pt"}, background=True) as writer:
                 for key, dtype, shape in specs:
-                    t = merge_full(self.full[key]) if key in self.full else f.read(key)
+                    t = self._source(key, f, merge_full)
                     if key in self.lora:
                         res = merge_module(self.lora[key])
                         per_module[self.lora[key]] = res.stats
@@ -601,11 +822,23 @@ class _BaseMerge:
             f.close()
         bar.close()
         if self.index is not None:
-            index = dict(self.index, metadata=dict(self.index.get("metadata") or {}, total_size=total))
+            weight_map = dict(self.index["weight_map"], **{k: s for s, ks in self.extra.items() for k in ks})
+            index = dict(self.index, weight_map=weight_map,
+                         metadata=dict(self.index.get("metadata") or {}, total_size=total))
             write_json(tmp / _INDEX_NAME, index)
+        # the written config describes the written tensors: their dtype and whether they are tied
+        changes: dict[str, Any] = {}
+        if self.dtype is not None:
+            name = str(self.dtype).replace("torch.", "")
+            changes["dtype"] = name
+            if "torch_dtype" in self.config:
+                changes["torch_dtype"] = name
+        if self.tied_src:
+            changes["tie_word_embeddings"] = False
+        write_json(tmp / _BASE_CONFIG, _set_everywhere(self.config, **changes))
         for src in sorted(self.dir.iterdir()):
-            if src.is_file() and not src.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copy2(src, tmp / src.name)
+            if src.is_file() and src.name != _BASE_CONFIG and not src.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copyfile(src, tmp / src.name)  # copyfile: modes from the umask, as save_pretrained
         return per_module
 
 
@@ -678,7 +911,8 @@ def merge_adapters(
                 rank=rank, seed=seed, dtype=str(base.out_dtype if base else plan.out_dtype).replace("torch.", ""),
                 merge_into_base=merge_into_base, base_model=str(base_model) if base_model else None,
                 output_ranks=dict(plan.out_ranks), modules=per_module,
-                overall=overall, warnings=plan.warnings,
+                overall=overall, warnings=plan.warnings, notes=base.notes if base is not None else [],
+                skipped_inputs=[{"path": str(p), "reason": why} for p, why in plan.skipped],
             )
             write_json(tmp / REPORT_NAME, report.to_dict())
             from .cards import write_merge_card

@@ -2,7 +2,9 @@
 
 Every command that writes a directory or a file goes through these helpers, so an
 interrupted or failed run never leaves a half-written result behind, and an existing
-result is only replaced when the user asked for it (``overwrite=True``).
+result is only replaced when the user asked for it (``overwrite=True``). Results get the
+permissions ``mkdir``/``open`` would give them (0755/0644 under umask 022), not the private
+0700/0600 of temporary files.
 
 Example:
     >>> from poc_lora.outputs import atomic_output_dir
@@ -21,6 +23,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import OutputError
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux
+    ``/proc/self/status``); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_output_path(output: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -42,6 +59,7 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
     out = check_output_path(output, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the result should look like mkdir's
     try:
         yield tmp
     except BaseException:
@@ -67,6 +85,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; open() would honour the umask
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)

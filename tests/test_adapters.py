@@ -160,3 +160,25 @@ def test_stream_writer_refuses_wrong_order_shape_and_missing(tmp_path):
     w.write("a", torch.zeros(2))
     with pytest.raises(RuntimeError, match="never written"):
         w.close()
+
+
+def test_safe_readers_for_other_commands(adapter, tmp_path):
+    """read_adapter_config / load_adapter_state: the tensors equal safetensors' own reading, and
+    every unreadable input is an AdapterError naming the file."""
+    from poc_lora.adapters import load_adapter_state, read_adapter_config
+
+    _, path = adapter
+    assert read_adapter_config(path) == json.loads((path / "adapter_config.json").read_text())
+    want = load_file(str(path / "adapter_model.safetensors"))
+    got = load_adapter_state(path)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "adapter_config.json").write_text("")
+    with pytest.raises(AdapterError, match=f"{bad / 'adapter_config.json'} is empty"):
+        read_adapter_config(bad)
+    (bad / "adapter_model.safetensors").write_bytes((path / "adapter_model.safetensors").read_bytes()[:100])
+    with pytest.raises(AdapterError, match=f"{bad / 'adapter_model.safetensors'} is not a valid safetensors"):
+        load_adapter_state(bad)
+    with pytest.raises(AdapterError, match="is a file, not an adapter directory"):
+        read_adapter_config(bad / "adapter_model.safetensors")
