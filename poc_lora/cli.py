@@ -189,13 +189,15 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="pipeline YAML config")
     p.add_argument("--output", "-o", default=None, help="output directory (overrides the config)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute merges, evaluation and report even when their settings are unchanged")
     p.set_defaults(func=_run_pipeline)
 
 
 def _run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     from .pipeline import main_pipeline
 
-    return main_pipeline(args.config, args.output, overrides)
+    return main_pipeline(args.config, args.output, overrides, overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------------------- demo
