@@ -189,15 +189,24 @@ def _train_members(members: list[TrainConfig], mine: list[int], records: list, d
 
 
 def _write_manifest(cfg: TrainConfig, members: list[TrainConfig], strategy: str, world: int, merged: Path | None) -> None:
+    import json
+
     from .outputs import write_json
 
-    write_json(cfg.output_dir / MANIFEST, {
+    manifest = {
         "num_adapters": len(members), "strategy": strategy, "world_size": world,
         "temperature": cfg.poc.temperature, "base_model": cfg.model.model_name_or_path,
         "adapters": [{"index": j, "path": str(m.output_dir), "seed": m.training.seed, "noise_seed": m.noise_seed,
                       "data_seed": m.training.data_seed} for j, m in enumerate(members)],
         "merged": None if merged is None else str(merged),
-    })
+    }
+    path = cfg.output_dir / MANIFEST
+    try:
+        if json.loads(path.read_text()) == json.loads(json.dumps(manifest, default=str)):
+            return  # unchanged: a rerun that trained nothing rewrites nothing
+    except (OSError, ValueError):
+        pass
+    write_json(path, manifest)
 
 
 def _merge(cfg: TrainConfig, paths: list[Path]) -> tuple[Path, Any]:

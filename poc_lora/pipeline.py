@@ -217,7 +217,12 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
             write_stage(out / p.name, "eval", settings[p])
     else:
         logger.info("evaluation: all %d models up to date", len(models))
-    return evaluate(base_model, adapters, list(merges.values()), overwrite=False, **common)
+    collected = {**shared, "models": {str(p): stage_hash(out / p.name) for p, _ in models}}
+    if not stale and is_current(out, collected) and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    result = evaluate(base_model, adapters, list(merges.values()), overwrite=False, **common)
+    write_stage(out, "eval", collected)
+    return result
 
 
 # Above this mean pairwise relative distance the adapters' updates are closer to orthogonal than
