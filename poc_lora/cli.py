@@ -256,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # model's id on the hub when saving: noise that says nothing about the user's run.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message="Could not find a config file in poc-lora/tiny-llama")
+        # torch's weights-only unpickler notes the pickle protocol of a .bin it is about to refuse
+        # or read; our own error (or success) says what matters.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     try:
         return int(args.func(args, extra) or 0)
     except NotImplementedCommand as exc:
@@ -267,6 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_NOT_IMPLEMENTED
         raise
     except PocLoraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        # A path the user gave cannot be read or written (permissions, a file where a directory
+        # belongs, a full disk): the message names the path, a traceback would add nothing.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
