@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else 1; "
+                             "OMP_WAIT_POLICY defaults to PASSIVE)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(sub)
@@ -243,6 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in _TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .runtime import configure_threads
+
+    try:
+        configure_threads(args.threads)  # before the handlers import torch
+    except PocLoraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -161,3 +161,25 @@ def test_hostile_pickle_adapter_in_eval_through_the_console(tmp_path):
     assert proc.stderr.startswith("error:") and str(weights) in proc.stderr and "weights_only" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "code_ran").exists() and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------ CPU thread defaults
+def test_cli_thread_defaults(monkeypatch, capsys):
+    """1 intra-op thread and passive OpenMP waiting unless the user says otherwise."""
+    import torch
+
+    from poc_lora.runtime import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+            monkeypatch.delenv(var, raising=False)
+        assert configure_threads() == 1 and torch.get_num_threads() == 1
+        assert __import__("os").environ["OMP_WAIT_POLICY"] == "PASSIVE"
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert configure_threads() == 2 and torch.get_num_threads() == 2
+        assert configure_threads(3) == 3 and torch.get_num_threads() == 3
+        assert cli.main(["--threads", "0", "demo"]) == 1
+        assert "error: --threads must be >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
