@@ -164,6 +164,8 @@ def _train_members(members: list[TrainConfig], mine: list[int], records: list, d
                 skipped.append(j)
                 continue
             changed = changed_settings(m.output_dir, settings)
+            if changed == ["not computed yet"]:
+                changed = ["no record of its training settings"]
             if not retrain_stale:
                 raise OutputError(
                     f"{m.output_dir} holds adapter {j} trained with other settings ({', '.join(changed[:8])}); "

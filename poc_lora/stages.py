@@ -57,10 +57,10 @@ def stage_hash(directory: str | os.PathLike) -> str | None:
 
 
 def changed_settings(directory: str | os.PathLike, settings: dict[str, Any]) -> list[str]:
-    """The keys whose value differs from the marker's (``["<no marker>"]`` when there is none)."""
+    """The keys whose value differs from the marker's (``["not computed yet"]`` when there is none)."""
     marker = read_stage(directory)
     if marker is None:
-        return ["<no marker>"]
+        return ["not computed yet"]
     old = marker.get("settings", {})
     if not isinstance(old, dict):
         return ["<unreadable settings>"]
