@@ -90,6 +90,20 @@ def _adapter_template(adapter: Path | None, fallback: str | None) -> tuple[Any, 
     return get_template(DEFAULT_TEMPLATE), "default"
 
 
+def _check_weights(adapter: Path) -> None:
+    """Refuse, before the base model loads, an adapter whose weights file is missing, truncated, not
+    safetensors, or a pickle holding anything but tensors (read with ``weights_only=True``, so no
+    code in it runs). Only the file is checked; PEFT decides later whether the adapter fits."""
+    from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile
+
+    label = f"adapter {adapter}"
+    for name in (SAFETENSORS_NAME, BIN_NAME):
+        if (adapter / name).is_file():
+            TensorFile(adapter / name, label).close()
+            return
+    raise AdapterError(f"{label}: neither {SAFETENSORS_NAME} nor {BIN_NAME} found in {adapter}")
+
+
 def _weights_sha256(adapter: Path) -> str:
     files = sorted(p for p in adapter.iterdir() if p.name.startswith("adapter_model."))
     digest = hashlib.sha256()
@@ -107,8 +121,11 @@ def _model_specs(base_model: str, adapters: Sequence[str | Path], merged: Sequen
     for kind, dirs in (("adapter", adapters), ("merged", merged)):
         for d in dirs:
             path = Path(d)
+            if not path.is_dir():
+                raise AdapterError(f"{path} is not a PEFT adapter directory ({'a file' if path.exists() else 'not found'})")
             if not (path / "adapter_config.json").is_file():
                 raise AdapterError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+            _check_weights(path)
             tpl, source = _adapter_template(path, template)
             specs.append(ModelSpec(_safe_name(path.name), kind, path, tpl, source, _weights_sha256(path)))
     seen: dict[str, int] = {}

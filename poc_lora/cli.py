@@ -189,13 +189,15 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="pipeline YAML config")
     p.add_argument("--output", "-o", default=None, help="output directory (overrides the config)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute merges, evaluation and report even when their settings are unchanged")
     p.set_defaults(func=_run_pipeline)
 
 
 def _run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     from .pipeline import main_pipeline
 
-    return main_pipeline(args.config, args.output, overrides)
+    return main_pipeline(args.config, args.output, overrides, overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------------------- demo
@@ -230,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else 1; "
+                             "OMP_WAIT_POLICY defaults to PASSIVE)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(sub)
@@ -241,6 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in _TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .runtime import configure_threads
+
+    try:
+        configure_threads(args.threads)  # before the handlers import torch
+    except PocLoraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -254,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # model's id on the hub when saving: noise that says nothing about the user's run.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message="Could not find a config file in poc-lora/tiny-llama")
+        # torch's weights-only unpickler notes the pickle protocol of a .bin it is about to refuse
+        # or read; our own error (or success) says what matters.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     try:
         return int(args.func(args, extra) or 0)
     except NotImplementedCommand as exc:
@@ -265,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_NOT_IMPLEMENTED
         raise
     except PocLoraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        # A path the user gave cannot be read or written (permissions, a file where a directory
+        # belongs, a full disk): the message names the path, a traceback would add nothing.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -22,8 +22,11 @@ Strategies:
   launcher's rendezvous store; rank 0 waits for all ranks, then merges. Works across nodes
   (accelerate's multi-node launch) when ``output_dir`` is on a shared filesystem.
 
-Rerunning the same command resumes: finished members (``poc_lora_train.json`` present) are
-skipped, an interrupted one continues from its last checkpoint.
+Rerunning the same command resumes: finished members trained with the same settings (their
+stage marker, :mod:`poc_lora.stages`, holds the same :func:`~poc_lora.train.train_settings`) are
+skipped, an interrupted one continues from its last checkpoint. A finished member whose settings
+differ is an error naming the changed keys (``retrain_stale=True``, as the pipeline passes,
+trains it again instead); a finished member is never changed by a resume.
 
 Example:
     >>> from poc_lora.ensemble import train_ensemble
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import TrainConfig, load_config
-from .errors import ConfigError, PocLoraError
+from .errors import ConfigError, OutputError, PocLoraError
 
 logger = logging.getLogger(__name__)
 
@@ -145,22 +148,40 @@ def member_configs(cfg: TrainConfig, num_adapters: int) -> list[TrainConfig]:
     return members
 
 
-def _train_members(members: list[TrainConfig], mine: list[int], records: list) -> tuple[list[int], list[int]]:
+def _train_members(members: list[TrainConfig], mine: list[int], records: list, data_sha: str | None,
+                   retrain_stale: bool = False) -> tuple[list[int], list[int]]:
     """Train this process's members one after another on one base model; returns (trained, skipped)."""
-    from .train import is_complete, load_base_model, prepare_run, run_training
+    from .stages import changed_settings, is_current
+    from .train import is_complete, load_base_model, prepare_run, run_training, tokenize_run, train_settings
 
     trained, skipped, base = [], [], None
     todo = []
     for j in mine:  # every check before the (expensive) model load
         m = members[j]
         if is_complete(m.output_dir) and not m.poc.overwrite_output_dir:
-            skipped.append(j)
-            continue
+            settings = train_settings(m, data_sha)
+            if is_current(m.output_dir, settings):
+                skipped.append(j)
+                continue
+            changed = changed_settings(m.output_dir, settings)
+            if changed == ["not computed yet"]:
+                changed = ["no record of its training settings"]
+            if not retrain_stale:
+                raise OutputError(
+                    f"{m.output_dir} holds adapter {j} trained with other settings ({', '.join(changed[:8])}); "
+                    "pass --overwrite_output_dir true to train the ensemble again, or use another output_dir")
+            logger.info("adapter %d in %s is stale (%s changed); training it again", j, m.output_dir,
+                        ", ".join(changed[:8]))
+            m = members[j] = dataclasses.replace(
+                m, poc=dataclasses.replace(m.poc, overwrite_output_dir=True),
+                training=dataclasses.replace(m.training, resume_from_checkpoint=None))
         todo.append((j, prepare_run(m, records=records)))
     if skipped:
-        logger.info("adapters %s are already trained; skipping them", skipped)
+        logger.info("adapters %s are already trained with these settings; skipping them", skipped)
     for j, run in todo:
-        logger.info("training adapter %d (seed %d) into %s", j, run.cfg.training.seed, run.cfg.output_dir)
+        logger.info("training adapter %d of %d (seed %d) into %s", j + 1, len(members), run.cfg.training.seed,
+                    run.cfg.output_dir)
+        tokenize_run(run)  # the data are checked before the model loads
         if base is None:
             base = load_base_model(run.cfg)
         _, peft_model = run_training(run, base)
@@ -170,25 +191,37 @@ def _train_members(members: list[TrainConfig], mine: list[int], records: list) -
 
 
 def _write_manifest(cfg: TrainConfig, members: list[TrainConfig], strategy: str, world: int, merged: Path | None) -> None:
+    import json
+
     from .outputs import write_json
 
-    write_json(cfg.output_dir / MANIFEST, {
+    manifest = {
         "num_adapters": len(members), "strategy": strategy, "world_size": world,
         "temperature": cfg.poc.temperature, "base_model": cfg.model.model_name_or_path,
         "adapters": [{"index": j, "path": str(m.output_dir), "seed": m.training.seed, "noise_seed": m.noise_seed,
                       "data_seed": m.training.data_seed} for j, m in enumerate(members)],
         "merged": None if merged is None else str(merged),
-    })
+    }
+    path = cfg.output_dir / MANIFEST
+    try:
+        if json.loads(path.read_text()) == json.loads(json.dumps(manifest, default=str)):
+            return  # unchanged: a rerun that trained nothing rewrites nothing
+    except (OSError, ValueError):
+        pass
+    write_json(path, manifest)
 
 
-def _merge(cfg: TrainConfig, paths: list[Path], retrained: bool) -> tuple[Path, Any]:
-    from .merge import REPORT_NAME, merge_adapters
+def _merge(cfg: TrainConfig, paths: list[Path]) -> tuple[Path, Any]:
+    from .merge import merge_adapters
+    from .stages import is_current, stage_hash, write_stage
 
     out = cfg.output_dir / MERGED_DIR
-    if (out / REPORT_NAME).is_file() and not retrained and not cfg.poc.overwrite_output_dir:
+    settings = {"method": "poc", "adapters": [str(p) for p in paths], "adapter_stages": [stage_hash(p) for p in paths]}
+    if is_current(out, settings) and not cfg.poc.overwrite_output_dir:
         logger.info("%s is up to date; not merging again", out)
         return out, None
     report = merge_adapters(paths, out, method="poc", overwrite=True)
+    write_stage(out, "merge", settings)
     logger.info("%s", report.summary())
     return out, report
 
@@ -200,11 +233,13 @@ def train_ensemble(
     strategy: str | None = None,
     merge: bool = False,
     overrides: Sequence[str] = (),
+    retrain_stale: bool = False,
 ) -> EnsembleResult:
     """Train ``num_adapters`` adapters (seeds seed+j) and optionally PoC-merge them.
 
     ``strategy``: ``"sequential"`` or ``"parallel"`` (default: parallel when launched with more
     than one process, else sequential). See the module docstring for layout and resumption.
+    ``retrain_stale``: train again the finished members whose settings changed (default: refuse).
 
     Example:
         >>> train_ensemble("configs/train/tiny_cpu.yaml", 2, merge=True, overrides=["--output_dir", "runs/e"])  # doctest: +SKIP
@@ -224,11 +259,13 @@ def train_ensemble(
     try:
         cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
         members = member_configs(cfg, num_adapters)
-        from .train import load_checked_records
+        from .data.instructions import resolve_data_path
+        from .train import data_sha256, load_checked_records
 
         records = load_checked_records(cfg)  # one read + validation for all members
+        data_sha = data_sha256(resolve_data_path(cfg.data))
         mine = [j for j in range(num_adapters) if j % info.world_size == info.rank]
-        trained, skipped = _train_members(members, mine, records)
+        trained, skipped = _train_members(members, mine, records, data_sha, retrain_stale)
         ok = True
     finally:
         if info.rank != 0 or not ok:
@@ -245,7 +282,7 @@ def train_ensemble(
     if missing:
         raise PocLoraError(f"adapters {missing} are not finished; rerun the same command to resume them")
     if merge:
-        result.merged, result.merge_report = _merge(cfg, paths, retrained=bool(trained) or info.world_size > 1)
+        result.merged, result.merge_report = _merge(cfg, paths)
     _write_manifest(cfg, members, strategy, info.world_size, result.merged)
     from .cards import add_ensemble_section
 

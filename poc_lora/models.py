@@ -113,7 +113,9 @@ def _pretrain(model: Any, tokenizer: Any, steps: int, seed: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     model.train()
     batch_size = 16
-    for step in range(steps):
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(steps), desc="pretraining the tiny model (once)", unit="step"):
         start = (step * batch_size) % len(examples)
         loss = model(**collate(examples[start:start + batch_size])).loss
         loss.backward()
@@ -168,7 +170,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     path = cache_dir() / f"tiny-llama-v{TINY_MODEL_VERSION}"
     if not (path / "config.json").exists():
-        logger.info("building the tiny offline model in %s", path)
+        logger.info("building the tiny offline model in %s (once; %d pretraining steps)", path, TINY_PRETRAIN_STEPS)
         try:
             build_tiny_model(path, pretrain_steps=TINY_PRETRAIN_STEPS)
         except (OutputError, OSError):

@@ -14,7 +14,7 @@ Noise layout (what makes runs reproducible and resumable)
   order in which devices of a type first appear in ``param_groups``, so ``cuda:0`` on rank 0 and
   ``cuda:1`` on rank 1 are both slot 0; its draw dtype: float64 for float64 parameters, float32
   otherwise; its shard key: empty for ordinary tensors, the mesh coordinates along sharded mesh
-  dimensions for DTensor parameters).
+  dimensions for DTensor parameters, the shard's start offset for FSDP1 ``FlatParameter``s).
 * Per step: each stream's ``torch.Generator`` is re-seeded with ``mix(seed, noise_step, key)``
   (counter-based seeding). Resuming therefore needs only ``seed`` and ``noise_step`` (saved in
   ``state_dict()["noise"]``), works across ranks and devices that hold different generator
@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import AdamW
 
+from .errors import ConfigError
 from .runtime import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -116,9 +117,38 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+def _flat_shard_key(p: torch.Tensor) -> tuple:
+    """Shard key of an FSDP1 ``FlatParameter`` (``use_orig_params=False``): where this rank's
+    shard starts in the padded unsharded flat parameter.
+
+    FSDP1 hands the optimizer one 1-D local shard per rank, all with the same shape; keyed by
+    nothing, every rank would draw the same noise. The start offset differs between shards and
+    is equal between replicas of one shard (HYBRID_SHARD, NO_SHARD), exactly as the DTensor key.
+    It is found from FSDP's own per-parameter shard records (``_shard_param_infos``).
+    """
+    infos = getattr(p, "_shard_param_infos", None)
+    numels = getattr(p, "_numels_with_padding", None)
+    padding = getattr(p, "_is_padding_mask", None)
+    if infos is None or numels is None or padding is None:
+        raise ConfigError(
+            "NoisyAdamW: got an FSDP1 FlatParameter without FSDP's shard records, so it cannot give each "
+            "shard its own noise; use FSDP2 (fully_shard) or FSDP1 with use_orig_params=True")
+    starts, offset = [], 0
+    for numel, is_pad in zip(numels, padding):  # global start of each original (non-padding) parameter
+        if not is_pad:
+            starts.append(offset)
+        offset += numel
+    for start, info in zip(starts, infos):
+        if info.in_shard:
+            return (("flat_shard", start + info.intra_param_start_idx - info.offset_in_shard),)
+    return (("flat_shard", "padding"),)  # a shard of padding only: its noise reaches no parameter
+
+
 def _local_and_shard_key(p: torch.Tensor) -> tuple[torch.Tensor | None, tuple]:
     """The tensor to add noise to and its shard key (see the module docstring)."""
     key: tuple = ()
+    if getattr(p, "_is_flat_param", False):  # what isinstance(p, FlatParameter) checks
+        return p, _flat_shard_key(p)
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(p, dtensor):
         coord = p.device_mesh.get_coordinate()

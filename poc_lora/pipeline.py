@@ -8,10 +8,15 @@ Stages and where they write (under ``output_dir``)::
     report.md, report.json, report.png
                              the paper's table (LoRA (best), LoRA (ave.), PoC merge, variants)
 
-Every stage is resumable: finished adapters are skipped by the ensemble, an existing merge is
-kept unless an adapter was retrained, and finished (model, suite) pairs are skipped by the
-evaluation (which keys them by the adapter's weight hash). The report is always rebuilt from
-the files, so its numbers are the ones the predictions files hold.
+Every stage is keyed by the settings it depends on (:mod:`poc_lora.stages`: a
+``.poc_lora_stage.json`` marker, written last, holds a hash of those settings and of the stages
+it reads). A rerun skips a stage whose settings are unchanged and recomputes one whose
+settings changed, and with it every stage downstream: an adapter trained with other settings
+is trained again, a merge whose method, rank, seed or adapters changed is merged again, a model
+whose evaluation settings (tasks, mode, limit, ...) or weights changed is evaluated again, and
+the report is rebuilt from the files when anything it shows changed. Labels come from what is on
+disk (the rank in "PoC merge, SVD rank K" is the written adapter's rank). ``overwrite=True``
+recomputes merges, evaluation and report (trained adapters are kept unless their settings changed).
 
 ``poc-lora demo`` (:func:`run_demo`) is the README's first command: the tiny pipeline
 (``configs/pipeline/tiny_cpu.yaml``) plus the MFNN Figure 1 experiment, offline, on a CPU.
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -137,31 +142,87 @@ def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
                               d.synthetic_label_noise, d.synthetic_seed)
 
 
-def _merge_stage(cfg: PipelineConfig, adapters: list[Path], out: Path, retrained: bool) -> dict[str, Path]:
+def _merge_settings(cfg: PipelineConfig, method: str, adapters: list[Path]) -> dict[str, Any]:
+    from .stages import stage_hash
+
+    rank = None
+    if method in ("svd", "prune"):
+        rank = cfg.merge_rank if cfg.merge_rank is not None else _adapter_rank(adapters[0])
+    return {"method": method, "rank": rank, "seed": cfg.merge_seed if method == "prune" else None,
+            "adapters": [str(a) for a in adapters], "adapter_stages": [stage_hash(a) for a in adapters]}
+
+
+def _merge_stage(cfg: PipelineConfig, adapters: list[Path], out: Path, overwrite: bool) -> dict[str, Path]:
     from .merge import merge_adapters
+    from .stages import changed_settings, clear_stage, is_current, write_stage
 
     merges: dict[str, Path] = {}
-    for method in cfg.merge_methods:
+    for i, method in enumerate(cfg.merge_methods, 1):
         target = out / method
-        if (target / "merge_report.json").is_file() and not retrained:
-            logger.info("merge %s: already done (%s)", method, target)
+        settings = _merge_settings(cfg, method, adapters)
+        if is_current(target, settings) and not overwrite:
+            logger.info("merge %d/%d (%s): up to date in %s", i, len(cfg.merge_methods), method, target)
         else:
-            rank = cfg.merge_rank if method in ("svd", "prune") else None
-            if method in ("svd", "prune") and rank is None:
-                rank = _adapter_rank(adapters[0])
-            report = merge_adapters(adapters, target, method=method, rank=rank, seed=cfg.merge_seed, overwrite=True)
+            why = "--overwrite" if overwrite else ", ".join(changed_settings(target, settings)[:6])
+            logger.info("merge %d/%d (%s) into %s (%s)", i, len(cfg.merge_methods), method, target, why)
+            clear_stage(target)
+            report = merge_adapters(adapters, target, method=method, rank=settings["rank"], seed=cfg.merge_seed,
+                                    overwrite=True)
+            write_stage(target, "merge", settings)
             logger.info("%s", report.summary())
         merges[method] = target
     return merges
 
 
 def _adapter_rank(adapter: Path) -> int:
-    return int(json.loads((adapter / "adapter_config.json").read_text())["r"])
+    from .errors import AdapterError
+
+    path = adapter / "adapter_config.json"
+    try:
+        return int(json.loads(path.read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"cannot read the LoRA rank 'r' from {path}: {exc}") from None
 
 
-def _label(method: str, cfg: PipelineConfig, adapters: list[Path]) -> str:
-    rank = cfg.merge_rank or (_adapter_rank(adapters[0]) if method in ("svd", "prune") else None)
-    return MERGE_LABELS[method].format(rank=rank)
+def _label(method: str, merged: Path) -> str:
+    """The report label of the merge in ``merged``, with the rank of the adapter written there."""
+    return MERGE_LABELS[method].format(rank=_adapter_rank(merged))
+
+
+def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merges: dict[str, Path],
+                data_dir: Path, out: Path, overwrite: bool) -> dict[str, Any]:
+    """Evaluate every model whose weights or evaluation settings changed, then collect all results.
+
+    Each model's results under ``out/<model>/`` carry a stage marker (evaluation settings + the
+    model's own stage hash); stale models are evaluated again in one call (base loaded once), and
+    a second call that finds every pair finished builds the summary and tables.
+    """
+    from eval_harness.runner import evaluate
+
+    from .stages import is_current, stage_hash, write_stage
+
+    common = dict(data_dir=data_dir, output=out, tasks=cfg.eval_tasks, mode=cfg.eval_mode, limit=cfg.eval_limit,
+                  batch_size=cfg.eval_batch_size, num_beams=cfg.eval_num_beams)
+    shared = {"base_model": base_model, "data_dir": str(data_dir), "tasks": cfg.eval_tasks, "mode": cfg.eval_mode,
+              "limit": cfg.eval_limit, "num_beams": cfg.eval_num_beams if cfg.eval_mode == "generate" else None}
+    models = [(a, "adapter") for a in adapters] + [(m, "merged") for m in merges.values()]
+    settings = {p: {**shared, "model": str(p), "model_stage": stage_hash(p)} for p, _ in models}
+    stale = [(p, kind) for p, kind in models if overwrite or not is_current(out / p.name, settings[p])]
+    if stale:
+        logger.info("evaluating %d of %d models (%s); the others are up to date", len(stale), len(models),
+                    ", ".join(p.name for p, _ in stale))
+        evaluate(base_model, [p for p, k in stale if k == "adapter"], [p for p, k in stale if k == "merged"],
+                 overwrite=True, **common)
+        for p, _ in stale:
+            write_stage(out / p.name, "eval", settings[p])
+    else:
+        logger.info("evaluation: all %d models up to date", len(models))
+    collected = {**shared, "models": {str(p): stage_hash(out / p.name) for p, _ in models}}
+    if not stale and is_current(out, collected) and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    result = evaluate(base_model, adapters, list(merges.values()), overwrite=False, **common)
+    write_stage(out, "eval", collected)
+    return result
 
 
 # Above this mean pairwise relative distance the adapters' updates are closer to orthogonal than
@@ -199,7 +260,7 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: 
         row = {SUITES[s].column: 100.0 * m["suites"][s]["accuracy"] for s in suites}
         row[AVERAGE_COLUMN] = sum(row.values()) / len(suites)
         acc[key] = row
-    merge_keys = {by_path[p.resolve()]: _label(meth, cfg, adapters) for meth, p in merges.items()}
+    merge_keys = {by_path[p.resolve()]: _label(meth, p) for meth, p in merges.items()}
     singles = {by_path[a.resolve()] for a in adapters}
     acc = {k: v for k, v in acc.items() if k in singles or k in merge_keys}
     rows = comparison_rows(acc, columns, merge_keys, AVERAGE_COLUMN)
@@ -254,49 +315,63 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Train -> merge -> evaluate -> report, resumably. Returns the report dict (``report.json``).
 
-    ``overrides`` are ``--key value`` pairs of :class:`PipelineConfig` fields. With
-    ``overwrite`` the merges and evaluations are recomputed (trained adapters are kept).
-    Under ``accelerate launch`` with ``strategy: parallel`` every rank trains its adapters and
-    only rank 0 continues past training.
-    """
-    from eval_harness.runner import evaluate
+    ``overrides`` are ``--key value`` pairs of :class:`PipelineConfig` fields. Each stage is
+    skipped when its settings are unchanged and recomputed (with what depends on it) when they
+    changed (see the module docstring). With ``overwrite`` the merges, evaluations and report are
+    recomputed (trained adapters are kept unless their settings changed). Under ``accelerate
+    launch`` with ``strategy: parallel`` every rank trains its adapters and only rank 0 continues
+    past training.
 
+    Raises :class:`~poc_lora.errors.PocLoraError` subclasses for a bad config, data or output
+    (``output`` an existing file, say), before anything is trained.
+    """
     from .config import load_config
     from .ensemble import train_ensemble
+    from .stages import is_current, stage_hash, write_stage
 
     cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.from_yaml(config, overrides)
     out = Path(output or cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"pipeline output {out} exists and is not a directory")
     timing: dict[str, float] = {}
 
     t = time.perf_counter()
     train_cfg = load_config(cfg.train_config, _train_overrides(cfg, out / "adapters"))
     data_dir = _eval_data_dir(cfg, train_cfg)  # checked before hours of training
     rank = int(os.environ.get("RANK", "0"))  # read first: parallel training hides the launcher's env
-    ens = train_ensemble(train_cfg, cfg.num_adapters, strategy=cfg.strategy)
+    logger.info("stage 1/4: training %d adapters into %s", cfg.num_adapters, out / "adapters")
+    ens = train_ensemble(train_cfg, cfg.num_adapters, strategy=cfg.strategy, retrain_stale=True)
     if rank != 0:  # the other ranks have trained their adapters; rank 0 merges and evaluates
         return {}
     timing["training"] = time.perf_counter() - t
     adapters = [Path(p) for p in ens.adapters]
 
     t = time.perf_counter()
-    retrained = bool(ens.trained) or overwrite
-    merges = _merge_stage(cfg, adapters, out / "merges", retrained)
+    logger.info("stage 2/4: merging (%s)", ", ".join(cfg.merge_methods))
+    merges = _merge_stage(cfg, adapters, out / "merges", overwrite)
     timing["merging"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    evaluation = evaluate(
-        train_cfg.model.model_name_or_path, adapters, list(merges.values()),
-        data_dir=data_dir, output=out / "eval", tasks=cfg.eval_tasks, mode=cfg.eval_mode,
-        limit=cfg.eval_limit, batch_size=cfg.eval_batch_size, num_beams=cfg.eval_num_beams,
-        overwrite=overwrite,
-    )
+    logger.info("stage 3/4: evaluating %d models", len(adapters) + len(merges))
+    evaluation = _eval_stage(cfg, train_cfg.model.model_name_or_path, adapters, merges, data_dir,
+                             out / "eval", overwrite)
     timing["evaluation"] = time.perf_counter() - t
+
+    report_settings = {"config": dataclasses.asdict(cfg),
+                       "models": {str(p): stage_hash(out / "eval" / p.name) for p in [*adapters, *merges.values()]},
+                       "merges": {m: stage_hash(p) for m, p in merges.items()}}
+    report_settings["config"].pop("output_dir")
+    if is_current(out, report_settings) and (out / "report.json").is_file() and not overwrite:
+        logger.info("stage 4/4: report up to date (%s)", out / "report.md")
+        return json.loads((out / "report.json").read_text())
+    logger.info("stage 4/4: writing the report")
     report = _report(cfg, out, evaluation, merges, adapters, timing)
     from eval_harness.suites import SUITES
 
     from .cards import add_evaluation_cards
 
     add_evaluation_cards(evaluation, report["columns"], report["table"], {s: SUITES[s].column for s in SUITES})
+    write_stage(out, "report", report_settings)
     return report
 
 
@@ -307,9 +382,9 @@ def _print_report(report: dict[str, Any], title: str) -> None:
     print(markdown_table(["Method", *report["columns"]], report["table"]))
 
 
-def main_pipeline(config_path: str, output: str | None, overrides: Sequence[str]) -> int:
-    """``poc-lora pipeline --config CONFIG.yaml [--output DIR] [--key value ...]``."""
-    report = run_pipeline(config_path, output, overrides)
+def main_pipeline(config_path: str, output: str | None, overrides: Sequence[str], overwrite: bool = False) -> int:
+    """``poc-lora pipeline --config CONFIG.yaml [--output DIR] [--overwrite] [--key value ...]``."""
+    report = run_pipeline(config_path, output, overrides, overwrite=overwrite)
     if report:
         _print_report(report, "Pipeline report")
         print(f"\nreport: {report['files']['report_md']}  plot: {report['files']['report_png']}")
@@ -334,6 +409,8 @@ def run_demo(output: str | os.PathLike = "results", quick: bool = False, overwri
     if not DEMO_CONFIG.is_file():
         raise ConfigError(f"the demo needs {DEMO_CONFIG}; run it from a source checkout (pip install -e .)")
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"demo output {output} exists and is not a directory; give a directory (default results/)")
     t = time.perf_counter()
     report = run_pipeline(DEMO_CONFIG, output / "pipeline", QUICK_OVERRIDES if quick else (), overwrite=overwrite)
     t_pipeline = time.perf_counter() - t

@@ -14,7 +14,13 @@ checkpoint), then trains with :class:`~poc_lora.trainer.NoisyAdamWTrainer` and w
 ``--resume_from_checkpoint true`` (or a checkpoint path) continues an interrupted run and ends
 with the same adapter as an uninterrupted one: Trainer restores the model, the scheduler, the
 RNG states and the data position, and NoisyAdamW's state dict carries its noise seed and step
-(its noise is counter-based, so the stream continues exactly).
+(its noise is counter-based, so the stream continues exactly). On a *finished* adapter a resume
+changes nothing: it says the adapter is finished and returns (exit 0), like Trainer resuming
+a run that has reached ``max_steps``.
+
+The last file written is the stage marker (:mod:`poc_lora.stages`) holding
+:func:`train_settings`, which the ensemble and the pipeline compare to decide whether an
+existing adapter is still the one their settings ask for.
 
 Example:
     >>> from poc_lora.train import train_adapter
@@ -57,10 +63,44 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return get_last_checkpoint(str(output_dir))
 
 
+# TrainingArguments fields that change how a run is logged, saved or loaded, not the adapter it
+# trains; left out of train_settings so that changing them does not make an adapter stale.
+_NOT_SETTINGS = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "disable_tqdm",
+                 "run_name", "project", "skip_memory_metrics", "push_to_hub", "dataloader_num_workers",
+                 "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_pin_memory",
+                 "dataloader_multiprocessing_context"}
+_NOT_SETTINGS_PREFIXES = ("logging_", "log_", "save_", "hub_", "trackio_")
+
+
+def train_settings(cfg: TrainConfig, data_sha256: str | None = None) -> dict[str, Any]:
+    """What a trained adapter depends on: the resolved config without logging/saving/output
+    fields, plus the SHA-256 of the training data file (when it is a local file).
+
+    Example:
+        >>> train_settings(load_config("configs/train/tiny_cpu.yaml"))["learning_rate"]  # doctest: +SKIP
+        0.001
+    """
+    flat = {k: v for k, v in cfg.to_dict().items()
+            if k not in _NOT_SETTINGS and not k.startswith(_NOT_SETTINGS_PREFIXES)}
+    return {**flat, "data_sha256": data_sha256}
+
+
+def data_sha256(data_file: str) -> str | None:
+    """SHA-256 of the training data file; None for a hub dataset id."""
+    from .adapters import sha256_file
+
+    return sha256_file(data_file) if Path(data_file).is_file() else None
+
+
+def _resume_requested(cfg: TrainConfig) -> bool:
+    value = cfg.training.resume_from_checkpoint
+    return not (value is None or str(value).lower() in ("", "false", "none", "no", "0"))
+
+
 def _resolve_resume(cfg: TrainConfig) -> str | None:
     """The checkpoint to resume from (None = fresh start), checked before the model loads."""
     out, value = cfg.output_dir, cfg.training.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "none", "no", "0"):
+    if not _resume_requested(cfg):
         return None
     if str(value).lower() == AUTO_RESUME:
         return last_checkpoint(out)
@@ -97,6 +137,10 @@ class PreparedRun:
     template: Any
     resume: str | None
     data_file: str
+    finished: bool = False  # a resume asked of an adapter that is already finished: nothing to do
+    tokenizer: Any = None  # set by tokenize_run
+    train_dataset: Any = None
+    eval_dataset: Any = None
 
 
 def load_checked_records(cfg: TrainConfig) -> list[dict[str, str]]:
@@ -115,6 +159,11 @@ def prepare_run(cfg: TrainConfig, records: list[dict[str, str]] | None = None) -
     from .data.templates import get_template
 
     template = get_template(cfg.data.prompt_template)
+    out = cfg.output_dir
+    if _resume_requested(cfg) and is_complete(out) and not cfg.poc.overwrite_output_dir:
+        if not out.is_dir():
+            raise OutputError(f"output_dir {out} exists and is not a directory")
+        return PreparedRun(cfg, [], template, None, "", finished=True)
     if cfg.model.load_in_4bit or cfg.model.load_in_8bit:
         from .models import quantization_config
 
@@ -237,23 +286,48 @@ def _clear_previous(out: Path) -> None:
             shutil.rmtree(ckpt)
 
 
+def tokenize_run(run: PreparedRun) -> None:
+    """Load the tokenizer and tokenise the run's data (before any model is loaded, so data that
+    cannot train, such as responses cut away by ``cutoff_len``, fail early)."""
+    from .data.instructions import build_datasets
+    from .models import load_tokenizer
+
+    if run.train_dataset is not None or run.finished:
+        return
+    run.tokenizer = load_tokenizer(run.cfg.model.model_name_or_path, padding_side="right")
+    run.train_dataset, run.eval_dataset = build_datasets(run.records, run.tokenizer, run.template, run.cfg.data)
+
+
+def _log_finished(cfg: TrainConfig) -> None:
+    import json
+
+    step = json.loads((cfg.output_dir / DONE_FILE).read_text()).get("global_step", "?")
+    logger.warning("%s is already finished (step %s); a resume leaves it unchanged. Pass "
+                   "--overwrite_output_dir true (overwrite_output_dir=True) to train it again.", cfg.output_dir, step)
+
+
 def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
     """Train the prepared run (on ``base_model`` if given, else a freshly loaded one).
 
     Returns the adapter directory and the PEFT model (``.unload()`` gives the clean base back,
-    which is how :mod:`poc_lora.ensemble` reuses one base model for several adapters).
+    which is how :mod:`poc_lora.ensemble` reuses one base model for several adapters); the model
+    is None when the run was already finished (a resume of a finished adapter).
     """
-    from .data.instructions import build_datasets, data_collator
-    from .models import load_tokenizer
+    from .data.instructions import data_collator
+    from .stages import clear_stage
     from .trainer import NoisyAdamWTrainer
 
     cfg = run.cfg
-    tokenizer = load_tokenizer(cfg.model.model_name_or_path, padding_side="right")
-    train_ds, eval_ds = build_datasets(run.records, tokenizer, run.template, cfg.data)
+    if run.finished:
+        _log_finished(cfg)
+        return cfg.output_dir, None
+    tokenize_run(run)
+    tokenizer, train_ds, eval_ds = run.tokenizer, run.train_dataset, run.eval_dataset
     model = base_model if base_model is not None else load_base_model(cfg)
     peft_model = attach_lora(model, cfg)
     if cfg.poc.overwrite_output_dir and run.resume is None:
         _clear_previous(cfg.output_dir)
+    clear_stage(cfg.output_dir)
     trainer = NoisyAdamWTrainer(
         model=peft_model, args=cfg.training, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=data_collator(tokenizer, cfg.data.pad_to_multiple_of),
@@ -275,6 +349,9 @@ def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
             "replicas_identical": same,
         }
         _write_adapter(trainer, run, record)
+        from .stages import write_stage
+
+        write_stage(cfg.output_dir, "train", train_settings(cfg, data_sha256(run.data_file)))
         logger.info("adapter written to %s (step %d, train loss %.4f)", cfg.output_dir,
                     trainer.state.global_step, metrics.get("train_loss", float("nan")))
     return cfg.output_dir, peft_model
@@ -287,6 +364,13 @@ def train_adapter(
 
     ``config``: a :class:`TrainConfig`, a YAML path or a flat mapping; ``overrides``: ``--key value``
     strings applied on top. ``base_model``: an already loaded base model to attach the LoRA to.
+
+    Raises :class:`~poc_lora.errors.PocLoraError` subclasses for bad input, before the model
+    loads: :class:`OutputError` when ``output_dir`` already holds a finished adapter (unless
+    ``overwrite_output_dir``; a resume of a finished adapter returns it unchanged) or
+    unfinished checkpoints without ``resume_from_checkpoint``, :class:`ConfigError` /
+    :class:`DataError` for the config and the data (including data whose responses
+    ``cutoff_len`` cuts away entirely).
 
     Example:
         >>> train_adapter("configs/train/tiny_cpu.yaml", ["--output_dir", "runs/a0", "--seed", "0"])  # doctest: +SKIP
@@ -305,5 +389,5 @@ def main_train(config_path: str, overrides: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["DONE_FILE", "attach_lora", "is_complete", "last_checkpoint", "load_base_model", "lora_config",
+__all__ = ["DONE_FILE", "attach_lora", "data_sha256", "tokenize_run", "train_settings", "is_complete", "last_checkpoint", "load_base_model", "lora_config",
            "load_checked_records", "main_train", "prepare_run", "run_training", "train_adapter"]

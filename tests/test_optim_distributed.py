@@ -71,3 +71,35 @@ def test_ddp_replicas_identical_and_shards_independent(tmp_path):
     assert not torch.equal(r0["shard"], r1["shard"])
     assert abs(float(torch.corrcoef(torch.stack([r0["shard"].flatten(), r1["shard"].flatten()]))[0, 1])) < 6 / 32
     assert torch.equal(r0["replica"], r1["replica"]) and float(r0["replica"].std()) > 0
+
+
+def _fsdp1_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32))
+        fsdp = FSDP(model, use_orig_params=False, device_id=torch.device("cpu"))
+        (flat,) = list(fsdp.parameters())  # FSDP1: one flat 1-D local shard per rank
+        assert getattr(flat, "_is_flat_param", False)
+        before = flat.detach().clone()
+        opt = NoisyAdamW([flat], lr=0.5, weight_decay=0.0, temperature=0.01, seed=7)
+        flat.grad = torch.zeros_like(flat)  # AdamW moves nothing: the change is the noise alone
+        opt.step()
+        torch.save({"noise": (flat.detach() - before).clone()}, f"{out_dir}/fsdp1_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp1_flat_parameter_shards_get_independent_noise(tmp_path):
+    """FSDP1 with use_orig_params=False gives the optimizer equally shaped flat shards; keyed by
+    nothing they would all draw the same noise (correlation 1)."""
+    mp.spawn(_fsdp1_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    n0, n1 = (torch.load(tmp_path / f"fsdp1_rank{r}.pt", weights_only=True)["noise"] for r in range(WORLD))
+    numel = 32 * 64 + 64 + 64 * 32 + 32
+    assert n0.numel() == n1.numel() == math.ceil(numel / WORLD)  # each rank holds half the flat parameter
+    std = math.sqrt(2 * 0.5 * 0.01)
+    for n in (n0, n1):
+        assert 0.9 < float(n.std()) / std < 1.1  # ~2100 samples: SE of the std ratio ~1.5%
+    assert abs(float(torch.corrcoef(torch.stack([n0, n1]))[0, 1])) < 6 / math.sqrt(n0.numel())

@@ -178,3 +178,66 @@ def test_bad_pipeline_config_names_the_key(tmp_path, capsys):
     bad.write_text(f"train_config: {DEMO_CONFIG.parent / '../train/tiny_cpu.yaml'}\nmerge_methods: [average]\n")
     with pytest.raises(ConfigError, match="merge_methods"):
         PipelineConfig.from_yaml(bad)
+
+
+# ------------------------------------------------- stale stages: every stage keyed by its settings
+def _mtimes(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def _lora_rank(adapter: Path) -> int:
+    """The rank of the adapter written on disk, from its tensors (lora_A is r x in_features)."""
+    from safetensors.torch import load_file
+
+    ranks = {v.shape[0] for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if "lora_A" in k}
+    assert len(ranks) == 1
+    return ranks.pop()
+
+
+def test_unchanged_rerun_recomputes_nothing(demo_run):
+    pipe = demo_run / "pipeline"
+    before = _mtimes(pipe)
+    run_pipeline(DEMO_CONFIG, pipe, QUICK_OVERRIDES)
+    assert _mtimes(pipe) == before  # no stage marker, adapter, merge, prediction or report rewritten
+
+
+def test_changed_merge_rank_recomputes_the_svd_merge_and_its_label(demo_run):
+    pipe = demo_run / "pipeline"
+    assert _lora_rank(pipe / "merges" / "svd") == 16  # default: one adapter's rank
+    before = _mtimes(pipe)
+    report = run_pipeline(DEMO_CONFIG, pipe, [*QUICK_OVERRIDES, "--merge_rank", "8"])
+    after = _mtimes(pipe)
+    assert _lora_rank(pipe / "merges" / "svd") == 8 and _lora_rank(pipe / "merges" / "prune") == 8
+    labels = [r["Method"] for r in report["table"]]
+    assert "PoC merge, SVD rank 8" in labels and "PoC merge, pruned to 8" in labels
+    assert "PoC merge, SVD rank 8" in (pipe / "report.md").read_text()
+    changed = {p for p in after if before.get(p) != after[p]}
+    # recomputed: the svd/prune merges, their evaluation, the report; untouched: adapters, poc merge, its eval
+    assert pipe / "merges" / "svd" / "adapter_model.safetensors" in changed
+    assert pipe / "eval" / "svd" / "boolq" / "predictions.jsonl" in changed
+    assert pipe / "report.md" in changed
+    for untouched in ("adapters", "merges/poc", "merges/soup", "eval/poc", "eval/adapter_0"):
+        assert not {p for p in changed if (pipe / untouched) in p.parents}, untouched
+    # back to the default rank: labelled from what is on disk again
+    report = run_pipeline(DEMO_CONFIG, pipe, QUICK_OVERRIDES)
+    assert _lora_rank(pipe / "merges" / "svd") == 16
+    assert "PoC merge, SVD rank 16" in [r["Method"] for r in report["table"]]
+
+
+def test_readme_sequence_more_adapters_then_demo_again_needs_no_flags(demo_run, capsys):
+    """README: `pipeline --num_adapters 8 --eval_limit 50` after the demo, then `demo` again (quick sizes)."""
+    pipe = demo_run / "pipeline"
+    cfg = str(DEMO_CONFIG)
+    assert main(["pipeline", "--config", cfg, "--output", str(pipe), *QUICK_OVERRIDES,
+                 "--num_adapters", "3", "--eval_limit", "8"]) == 0
+    report = json.loads((pipe / "report.json").read_text())
+    assert len(report["adapters"]) == 3 and report["config"]["eval_limit"] == 8
+    rows = [json.loads(line) for line in (pipe / "eval" / "poc" / "boolq" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert main(["demo", "--quick", "--output", str(demo_run)]) == 0
+    report = json.loads((pipe / "report.json").read_text())
+    assert len(report["adapters"]) == 2 and report["config"]["eval_limit"] == 16
+    rows = [json.loads(line) for line in (pipe / "eval" / "poc" / "boolq" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16
+    assert main(["pipeline", "--config", cfg, "--output", str(pipe), *QUICK_OVERRIDES, "--overwrite"]) == 0
+    assert "error" not in capsys.readouterr().err

@@ -217,3 +217,96 @@ def test_qlora_4bit_with_checkpointing_trains(tmp_path):
     w = _weights(out)
     assert all(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k)
     assert all(v.dtype == torch.float32 for v in w.values())
+
+
+# ----------------------------------------------------------------- item: resume of a finished run
+def test_resume_of_a_finished_adapter_changes_nothing(trained, caplog, no_model_load):
+    """Like Trainer resuming a run that reached max_steps: nothing is trained, nothing rewritten."""
+    files = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    caplog.set_level("WARNING")
+    assert _train(trained, "--resume_from_checkpoint", "true") == 0
+    assert _train(trained, "--resume_from_checkpoint", str(trained / "checkpoint-2")) == 0
+    assert "already finished (step 4)" in caplog.text
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == files
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+
+
+def test_train_adapter_api_into_a_finished_dir_raises_a_poc_lora_error(trained, no_model_load):
+    from poc_lora import OutputError, PocLoraError, train_adapter
+
+    before = (trained / WEIGHTS).read_bytes()
+    with pytest.raises(OutputError, match="already holds a trained adapter") as info:
+        train_adapter(TINY, ["--output_dir", str(trained), *SMALL])
+    assert isinstance(info.value, PocLoraError) and str(trained) in str(info.value)
+    assert (trained / WEIGHTS).read_bytes() == before
+
+
+def test_ensemble_resume_of_finished_members_changes_nothing(sequential, no_model_load):
+    out, args = sequential
+    files = {p: p.read_bytes() for p in out.rglob("adapter_model.safetensors")}
+    assert cli.main([*args, "--resume_from_checkpoint", "true"]) == 0
+    assert {p: p.read_bytes() for p in files} == files
+
+
+def test_ensemble_with_changed_settings_is_refused_not_silently_reused(sequential, capsys, no_model_load):
+    out, args = sequential
+    before = (out / "adapter_0" / WEIGHTS).read_bytes()
+    assert cli.main([*args, "--learning_rate", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "trained with other settings (learning_rate)" in err and str(out / "adapter_0") in err
+    assert (out / "adapter_0" / WEIGHTS).read_bytes() == before
+
+
+# ------------------------------------------------------------ item: responses cut away by cutoff_len
+@pytest.fixture
+def no_model_weights(monkeypatch):
+    """The tokenizer may load (tokenising comes first); the model must not."""
+    import poc_lora.models as models
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the data were checked")
+
+    monkeypatch.setattr(models, "load_model", boom)
+
+
+def _records_with_prompt_lengths(tmp_path: Path, n_short: int, n_long: int) -> Path:
+    short = [{"instruction": f"Is {w} a word?", "input": "", "output": "true"} for w in ("sky", "sea", "sun", "tree")]
+    long = [{"instruction": "Please answer " + "the question " * 60 + f"number {i}?", "input": "", "output": "false"}
+            for i in range(n_long)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps((short * 4)[:n_short] + long))
+    return path
+
+
+def _prompt_lengths(path: Path) -> list[int]:
+    """Prompt lengths in tokens, computed directly with the tiny tokenizer and the alpaca template."""
+    from poc_lora.data.templates import get_template
+    from poc_lora.models import load_tokenizer
+
+    tok, tpl = load_tokenizer("poc-lora/tiny-llama"), get_template("alpaca")
+    return [len(tok(tpl.train_prompt(r))["input_ids"]) for r in json.loads(path.read_text())]
+
+
+def test_all_responses_cut_away_is_an_error_naming_cutoff_len(tmp_path, capsys, trained, no_model_weights):
+    data = _records_with_prompt_lengths(tmp_path, 0, 12)
+    lengths = _prompt_lengths(data)
+    cutoff = min(lengths) - 1  # every prompt alone fills cutoff_len
+    out = tmp_path / "out"
+    assert _train(out, "--data_path", str(data), "--val_set_size", "0", "--cutoff_len", str(cutoff)) == 1
+    err = capsys.readouterr().err
+    assert f"cutoff_len={cutoff}" in err and f"the longest prompt is {max(lengths)} tokens" in err
+    assert "none of the 12 training records" in err
+    assert not out.exists()
+
+
+def test_some_responses_cut_away_is_a_warning_with_the_count(tmp_path, caplog, trained, no_model_weights):
+    data = _records_with_prompt_lengths(tmp_path, 10, 6)
+    lengths = _prompt_lengths(data)
+    cutoff = 40
+    expected = sum(n >= cutoff for n in lengths)  # a prompt that fills cutoff_len leaves no response token
+    assert 0 < expected < len(lengths)
+    caplog.set_level("WARNING")
+    with pytest.raises(AssertionError, match="model was loaded"):  # the check ran, then the model load came
+        _train(tmp_path / "out", "--data_path", str(data), "--val_set_size", "0", "--cutoff_len", str(cutoff))
+    assert f"{expected} of {len(lengths)} training records have no response token within cutoff_len={cutoff}" in caplog.text

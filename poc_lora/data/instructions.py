@@ -211,7 +211,40 @@ def build_datasets(records: Sequence[dict[str, str]], tokenizer: Any, template: 
         return split.map(tokenize, batched=True, remove_columns=split.column_names,
                          desc="tokenising", load_from_cache_file=False)
 
-    return prepare(splits["train"]), prepare(splits["test"])
+    train = prepare(splits["train"])
+    if not data_args.train_on_inputs:
+        check_supervised(splits["train"], train, tokenizer, template, data_args.cutoff_len)
+    return train, prepare(splits["test"])
+
+
+def check_supervised(records: Any, tokenized: Any, tokenizer: Any, template: PromptTemplate, cutoff_len: int) -> int:
+    """Count the tokenised records with no supervised token (every label -100): with
+    ``train_on_inputs=False`` a prompt that fills ``cutoff_len`` cuts the whole response away.
+
+    ``records``: the untokenised rows (``instruction``/``input``/``output``), in the order of
+    ``tokenized``. Returns the count; logs a warning naming it when some records are affected.
+
+    Raises:
+        DataError: when no record keeps a response token (training would learn nothing: a loss
+            of 0 and an adapter of pure noise); the message names ``cutoff_len`` and the
+            longest prompt, in tokens.
+    """
+    empty = [i for i, labels in enumerate(tokenized["labels"]) if all(t == IGNORE_INDEX for t in labels)]
+    if not empty:
+        return 0
+    rows = [records[i] for i in empty]
+    prompts = [template.train_prompt({**r, "input": r.get("input") or ""}) for r in rows]
+    longest = max(len(ids) for ids in tokenizer(prompts, truncation=False, padding=False)["input_ids"])
+    if len(empty) == len(tokenized):
+        raise DataError(
+            f"with train_on_inputs=false and cutoff_len={cutoff_len}, none of the {len(empty)} training records "
+            f"keeps a response token: the prompt alone fills cutoff_len (the longest prompt is {longest} tokens), "
+            f"so training would learn nothing. Raise cutoff_len above {longest}, shorten the prompts, or set "
+            "train_on_inputs: true")
+    logger.warning("%d of %d training records have no response token within cutoff_len=%d (their prompts are up "
+                   "to %d tokens) and add nothing to the loss; raise cutoff_len to keep them",
+                   len(empty), len(tokenized), cutoff_len, longest)
+    return len(empty)
 
 
 def data_collator(tokenizer: Any, pad_to_multiple_of: int | None = 8) -> Any:
@@ -223,6 +256,6 @@ def data_collator(tokenizer: Any, pad_to_multiple_of: int | None = 8) -> Any:
 
 
 __all__ = [
-    "IGNORE_INDEX", "build_datasets", "data_collator", "load_records", "resolve_data_path",
+    "IGNORE_INDEX", "build_datasets", "check_supervised", "data_collator", "load_records", "resolve_data_path",
     "synthetic_data_dir", "tokenize_examples", "validate_records",
 ]
