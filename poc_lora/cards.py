@@ -151,7 +151,12 @@ def _card(metadata: dict[str, Any], body: str) -> Any:
 
 
 def _write(directory: Path, card: Any) -> Path:
-    return atomic_write_text(directory / CARD_NAME, str(card))
+    path = directory / CARD_NAME
+    text = str(card)
+    # An unchanged card is not rewritten: reruns of the pipeline must leave every file as it was.
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path
+    return atomic_write_text(path, text)
 
 
 def _adapter_metadata(adapter_config: dict[str, Any], extra_tags: Sequence[str]) -> dict[str, Any]:
