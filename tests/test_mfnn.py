@@ -270,17 +270,20 @@ def _reference_sgd(x: torch.Tensor, data, s: GridSettings, order_seed: int, lam:
     return x
 
 
-@pytest.mark.parametrize("batch_size,loss", [(None, "squared"), (1, "squared"), (7, "squared_unhalved")])
-def test_grid_trainer_equals_one_network_at_a_time(batch_size, loss):
+@pytest.mark.parametrize("batch_size,loss,order", [(None, "squared", "shared"), (1, "squared", "shared"),
+                                                   (1, "squared", "per_network"), (7, "squared_unhalved", "shared")])
+def test_grid_trainer_equals_one_network_at_a_time(batch_size, loss, order):
     """Without noise, every (lambda, N) cell of the vectorised grid trainer (blocks of steps,
     shared initial draw) equals the same network trained alone by train_mfld, step by step."""
     data = multi_index(n=60, d=5, k=5, rbar=5.0, seed=0)
-    s = GridSettings(eta=0.005, weight_decay=0.1, epochs=2, loss=loss, batch_size=batch_size, init_std=0.7)
+    s = GridSettings(eta=0.005, weight_decay=0.1, epochs=2, loss=loss, batch_size=batch_size, init_std=0.7,
+                     order=order)
     result = train_lambda_grid(data, [0.0], [7, 13], 2, s, seed=3, workers=2, progress=False)
     for b in range(2):
         x0 = 0.7 * torch.randn(13, 7, generator=torch.Generator().manual_seed(derive_seed(3, "init", b)))
+        order_seed = derive_seed(3, "order", b) if order == "per_network" else derive_seed(3, "order")
         for w in (7, 13):
-            x = _reference_sgd(x0[:w].clone().unsqueeze(0), data, s, derive_seed(3, "order", b))
+            x = _reference_sgd(x0[:w].clone().unsqueeze(0), data, s, order_seed)
             torch.testing.assert_close(result.predictions[(0.0, w)][b], predict(x, data.z_test)[0],
                                        rtol=1e-4, atol=1e-4)
 
@@ -316,6 +319,7 @@ def test_grid_noise_is_shared_and_has_variance_2_lambda_eta():
 def test_describe_reading_follows_the_settings():
     default = describe_reading(resolve_settings("lambda_grid"))
     assert default.startswith("epoch = 400 steps of 1 sample") and "(f-y)^2/2" in default
+    assert "data order shared by the networks" in default
     other = describe_reading(resolve_settings("lambda_grid", {"batch_size": None, "loss": "squared_unhalved",
                                                               "init_std": 0.5, "data": {"rbar": 1.0}}))
     assert other.startswith("epoch = 1 full-batch step") and "loss (f-y)^2," in other
@@ -353,7 +357,7 @@ def test_experiments_refuse_an_existing_output_clearly(tmp_path, capsys):
 def test_config_files_match_the_paper_settings():
     for experiment, name in CONFIG_FILES.items():
         loaded = yaml.safe_load((REPO / "configs" / "mfnn" / name).read_text())
-        key = experiment if experiment.startswith("figure1") else "lambda_grid"
+        key = "lambda_grid" if experiment == "table2" else experiment
         assert loaded == PAPER_SETTINGS[key], name
 
 

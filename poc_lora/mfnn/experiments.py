@@ -32,7 +32,7 @@ from ..report import csv_table, markdown_table, plot_heatmap, plot_lines
 from .config import resolve_settings
 from .data import Split, make_task_data
 from ..runtime import derive_seed
-from .mfld import Cell, GridResult, GridSettings, MFLDSettings, train_cells, train_lambda_grid
+from .mfld import Cell, GridResult, GridSettings, MFLDSettings, grid_workers, train_cells, train_lambda_grid
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _targets(output: str | os.PathLike, names: list[str], overwrite: bool) -> di
 def _environment(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {"torch": torch.__version__, "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "workers": settings["workers"] or torch.get_num_threads()}
+            "workers": settings["workers"] or (grid_workers() if "lams" in settings else torch.get_num_threads())}
 
 
 def _mfld_settings(settings: Mapping[str, Any], lam: float) -> MFLDSettings:
@@ -222,6 +222,8 @@ def describe_reading(settings: Mapping[str, Any]) -> str:
     init = "N(0, I)" if std == 1 else f"N(0, {std:g}^2 I)"
     ratio = settings["data"]["rbar"] / settings["data"]["k"]
     target = "sum_j tanh(z_j)" if ratio == 1 else f"{ratio:g} sum_j tanh(z_j)"
+    if b is not None and b < n_train:
+        epoch += ", data order " + ("shared by the networks" if settings["order"] == "shared" else "per network")
     return (f"{epoch}, loss {loss}, init {init}, y = {target}, eta = {settings['eta']:g}, "
             f"lambda' = {settings['weight_decay']:g}, R = {settings['R']:g}")
 
@@ -231,17 +233,18 @@ def _seeds(settings: Mapping[str, Any]) -> list[int]:
 
 
 def _train_lambda_grid(
-    names: list[str], record_history: bool, config: ConfigArg, output: str | os.PathLike,
+    experiment: str, names: list[str], record_history: bool, config: ConfigArg, output: str | os.PathLike,
     quick: bool, seed: int | None, overwrite: bool, progress: bool,
 ) -> tuple[dict[str, Any], dict[str, Path], list[tuple[Split, GridResult]]]:
     """Resolve the settings, check the output files ``names``, then for every seed (a fresh data
     draw, initialisation, noise and order) train ``num_networks`` networks per (lambda, N).
     Within a seed all cells share the initial particles and noise (paired comparison)."""
-    settings = resolve_settings("lambda_grid", config, quick, seed)
+    settings = resolve_settings(experiment, config, quick, seed)
     files = _targets(output, names, overwrite)
     grid = GridSettings(eta=float(settings["eta"]), weight_decay=float(settings["weight_decay"]),
                         epochs=int(settings["epochs"]), loss=settings["loss"], R=float(settings["R"]),
-                        batch_size=settings["batch_size"], init_std=float(settings["init_std"]))
+                        batch_size=settings["batch_size"], init_std=float(settings["init_std"]),
+                        order=settings["order"])
     runs = []
     for s in _seeds(settings):
         data = _data({**settings, "seed": s})
@@ -287,7 +290,7 @@ def run_figure2(
     """
     clock = _Clock()
     settings, files, runs = _train_lambda_grid(
-        ["figure2.csv", "figure2.png", "figure2.json"], True, config, output, quick, seed, overwrite, progress)
+        "figure2", ["figure2.csv", "figure2.png", "figure2.json"], True, config, output, quick, seed, overwrite, progress)
     lams, widths, epochs = settings["lams"], settings["widths"], settings["epochs"]
     rows, panels, bands, markers = [], {}, {}, {}
     final: dict[str, float] = {}
@@ -343,7 +346,7 @@ def run_table2(
     """
     clock = _Clock()
     settings, files, runs = _train_lambda_grid(
-        ["table2.csv", "table2.md", "table2.json"], False, config, output, quick, seed, overwrite, progress)
+        "lambda_grid", ["table2.csv", "table2.md", "table2.json"], False, config, output, quick, seed, overwrite, progress)
     lams = sorted(settings["lams"], reverse=True)
     widths = settings["widths"]
     per_seed = {(lam, w): [_mse(res.predictions[(lam, w)].mean(dim=0), data.y_test).item() for data, res in runs]

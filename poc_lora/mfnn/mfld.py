@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -55,6 +56,7 @@ from .model import DEFAULT_R, augmented_inputs, init_particles, predict
 logger = logging.getLogger(__name__)
 
 LOSSES = ("logistic", "squared", "squared_unhalved")
+ORDERS = ("shared", "per_network")
 
 # A chunk's (B, N, n) activation buffer holds at most this many floats (1 MiB): with the
 # other buffers it fits a 2 MiB L2 cache, which measured fastest on the 2-core dev machine.
@@ -298,6 +300,9 @@ class GridSettings:
     (one step per epoch: the appendix's "noisy gradient descent" read literally), ``b`` makes an epoch one pass over the
     shuffled training points in ``ceil(n / b)`` steps, each with noise sqrt(2 lambda eta).
     ``init_std`` scales the N(0, I) initial particles. The loss is as in :class:`MFLDSettings`.
+    ``order`` is ``"shared"`` (the networks of a seed see the training points in one order per
+    epoch, so they differ only by their initialisation and noise, as under full-batch MFLD) or
+    ``"per_network"`` (each network its own order).
     """
 
     eta: float = 0.01
@@ -307,10 +312,13 @@ class GridSettings:
     R: float = DEFAULT_R
     batch_size: int | None = None
     init_std: float = 1.0
+    order: str = "shared"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.eta <= 0 or self.weight_decay < 0 or self.epochs < 0 or self.init_std <= 0:
             raise ValueError(f"invalid grid settings: {self}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -436,6 +444,12 @@ class _GridNetwork:
 BLOCK_ROWS = 16
 
 
+def grid_workers() -> int:
+    """Default thread count of :func:`train_lambda_grid`: the CPUs this process may use (its
+    jobs run single-threaded kernels, so torch's own thread setting does not limit them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def train_lambda_grid(
     data: Split,
     lams: Sequence[float],
@@ -449,9 +463,10 @@ def train_lambda_grid(
 ) -> GridResult:
     """Train ``num_networks`` networks for every (lambda, N) on ``data`` (train split) by MFLD.
 
-    Network b of every cell is trained in one job (:class:`_GridNetwork`): its initial particles,
-    noise and data order are seeded from (``seed``, b), so a job's result does not depend on
-    the thread count or the other jobs. ``workers`` threads (default ``torch.get_num_threads()``)
+    Network b of every cell is trained in one job (:class:`_GridNetwork`): its initial particles
+    and noise are seeded from (``seed``, b), its data order from ``seed`` (and b if
+    ``settings.order`` is ``"per_network"``), so a job's result does not depend on
+    the thread count or the other jobs. ``workers`` threads (default :func:`grid_workers`)
     run the jobs with single-threaded kernels. Per-sample epochs (``batch_size=1``) on the
     paper's grid are 2000 steps of 264 000 particles; see README "Mean-field networks".
 
@@ -471,13 +486,14 @@ def train_lambda_grid(
     n = len(y_train)
     batch = n if s.batch_size is None else min(s.batch_size, n)
     shrink = 1.0 - 2.0 * s.eta * s.weight_decay
-    workers = max(1, workers or torch.get_num_threads())
+    workers = max(1, workers or grid_workers())
     out: dict[int, tuple[Tensor, list[Tensor]]] = {}
 
     def run(b: int) -> int:
         net = _GridNetwork(lams, widths, data.dim, s, torch.Generator().manual_seed(derive_seed(seed, "init", b)))
         noise_gen = torch.Generator().manual_seed(derive_seed(seed, "noise", b))
-        order_gen = torch.Generator().manual_seed(derive_seed(seed, "order", b))
+        order_key = ("order", b) if s.order == "per_network" else ("order",)
+        order_gen = torch.Generator().manual_seed(derive_seed(seed, *order_key))
         hist = [net.outputs(z_test)] if record_history else []
         for _ in range(s.epochs):
             order = torch.randperm(n, generator=order_gen) if batch < n else torch.arange(n)
