@@ -32,7 +32,8 @@ from ..report import csv_table, markdown_table, plot_heatmap, plot_lines
 from .config import resolve_settings
 from .data import Split, make_task_data
 from ..runtime import derive_seed
-from .mfld import Cell, GridResult, GridSettings, MFLDSettings, grid_workers, train_cells, train_lambda_grid
+from .mfld import (Cell, GridResult, GridSettings, MFLDSettings, grid_workers, train_cells,
+                   train_lambda_grid)
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +205,12 @@ def run_figure1(
 # ------------------------------------------------------------------ figure 2 / table 2
 def describe_reading(settings: Mapping[str, Any]) -> str:
     """One line naming the reading of the paper's unspecified Table 2 protocol that
-    ``settings`` (resolved ``lambda_grid`` settings) use: epoch, loss, initialisation, target.
+    ``settings`` (resolved ``lambda_grid`` settings) use: epoch, data order, loss,
+    initialisation, target, eta, lambda' and R.
 
     Example:
-        >>> describe_reading(resolve_settings("lambda_grid"))  # doctest: +ELLIPSIS
-        'epoch = 400 steps of 1 sample (noisy SGD), loss (f-y)^2/2, init N(0, I), y = sum_j tanh(z_j), ...'
+        >>> describe_reading(resolve_settings("lambda_grid")).split(", ")[:3]
+        ['epoch = 400 steps of 1 sample (noisy SGD)', 'data order shared by the networks', 'loss (f-y)^2/2']
     """
     n_train = settings["data"]["n"] - int(round(settings["data"]["test_fraction"] * settings["data"]["n"]))
     b = settings["batch_size"]
