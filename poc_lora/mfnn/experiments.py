@@ -386,7 +386,7 @@ def run_table2(
     atomic_write_text(files["table2.md"], (
         f"# Table 2: test MSE of the merge of {settings['num_networks']} networks after {settings['epochs']} epochs\n\n"
         f"Reading of the paper's protocol: {describe_reading(settings)}.\n\n"
-        f"Each cell: mean ± sd over {len(seeds)} seeds ({', '.join(map(str, seeds))}; each a new data draw, "
+        f"Each cell: mean ± sd over {len(seeds)} seeds ({', '.join(map(str, seeds))}; each a new data draw, data order, "
         f"initialisation and noise), then in parentheses the paper's value ({_paper_source()}) and ours / paper.\n\n"
         f"{md}\n\n"
         f"MSE falls monotonically as λ grows in **{columns} of {len(widths)}** N-columns (mean over seeds; "
