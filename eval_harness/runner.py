@@ -284,12 +284,11 @@ def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[s
 
 
 def _table(models: dict[str, dict[str, Any]], suites: list[Suite]) -> list[dict[str, Any]]:
-    from poc_lora.report import comparison_rows
+    from poc_lora.report import accuracy_percentages, comparison_rows
 
-    pct = {
-        key: {**{s.column: 100 * m["suites"][s.name]["accuracy"] for s in suites}, AVERAGE_COLUMN: 100 * m["average"]}
-        for key, m in models.items()
-    }
+    pct = {key: accuracy_percentages({s.column: m["suites"][s.name]["accuracy"] for s in suites}, m["average"],
+                                     AVERAGE_COLUMN)
+           for key, m in models.items()}
     rows = [{"Method": KIND_LABELS[m["kind"]], "Model": key, **pct[key]} for key, m in models.items()]
     singles = [k for k, m in models.items() if m["kind"] == "adapter"]
     merges = [k for k, m in models.items() if m["kind"] == "merged"]

@@ -244,22 +244,53 @@ def _spread_line(spreads: dict[str, Any]) -> str:
     return line
 
 
+def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any]) -> str:
+    """What the report's numbers are, from the settings actually used, e.g. "synthetic suites,
+    tiny model, rank-mode scoring" (the demo) or "data data/dataset, model meta-llama/...,
+    generate-mode scoring"."""
+    from .config import SYNTHETIC_DATA, load_config
+    from .models import TINY_MODEL_ID
+
+    train_cfg = load_config(cfg.train_config, _train_overrides(cfg, out / "adapters"))
+    synthetic = train_cfg.data.data_path == SYNTHETIC_DATA and not cfg.eval_data_dir
+    model = evaluation["base_model"]
+    return ", ".join([
+        "synthetic suites" if synthetic else f"data {evaluation['data_dir']}",
+        "tiny model" if model == TINY_MODEL_ID else f"model {model}",
+        f"{evaluation['mode']}-mode scoring",
+    ])
+
+
+def _chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: int | None) -> dict[str, float]:
+    """Per suite, the accuracy in % of a uniform guess among each question's options (the
+    labels the rank scorer chooses from), averaged over the evaluated questions."""
+    from eval_harness.data import load_suite
+    from eval_harness.scoring import candidate_labels
+
+    chance = {}
+    for name in suites:
+        records = load_suite(data_dir, name, limit)
+        chance[name] = 100 * sum(1 / len(candidate_labels(name, r["instruction"])) for r in records) / len(records)
+    return chance
+
+
 def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: dict[str, Path],
             adapters: list[Path], timing: dict[str, float]) -> dict[str, Any]:
     """report.md / report.json / report.png from the evaluation's per-model accuracies."""
     from eval_harness.suites import AVERAGE_COLUMN, SUITES
 
     from .outputs import atomic_write_text, write_json
-    from .report import comparison_rows, markdown_table, plot_grouped_bars
+    from .report import accuracy_percentages, comparison_rows, markdown_table, plot_grouped_bars
 
     suites = evaluation["tasks"]
     columns = [SUITES[s].column for s in suites] + [AVERAGE_COLUMN]
     by_path = {Path(m["adapter"]).resolve(): key for key, m in evaluation["models"].items() if m["adapter"]}
-    acc: dict[str, dict[str, float]] = {}
-    for key, m in evaluation["models"].items():
-        row = {SUITES[s].column: 100.0 * m["suites"][s]["accuracy"] for s in suites}
-        row[AVERAGE_COLUMN] = sum(row.values()) / len(suites)
-        acc[key] = row
+    acc = {key: accuracy_percentages({SUITES[s].column: m["suites"][s]["accuracy"] for s in suites}, m["average"],
+                                     AVERAGE_COLUMN)
+           for key, m in evaluation["models"].items()}
+    what = _what_was_run(cfg, out, evaluation)
+    chance = _chance_levels(evaluation["data_dir"], suites, cfg.eval_limit)
+    chance_row = {**{SUITES[s].column: chance[s] for s in suites}, AVERAGE_COLUMN: sum(chance.values()) / len(suites)}
     merge_keys = {by_path[p.resolve()]: _label(meth, p) for meth, p in merges.items()}
     singles = {by_path[a.resolve()] for a in adapters}
     acc = {k: v for k, v in acc.items() if k in singles or k in merge_keys}
@@ -271,13 +302,14 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: 
         spreads[meth] = rep.get("overall", {}).get("spread")
     table_cols = ["Method", *columns]
     md = [
-        "# poc-lora pipeline report",
+        f"# poc-lora pipeline report: {what}",
         "",
         f"{len(adapters)} adapters (seeds seed+j), merged with {', '.join(cfg.merge_methods)}; "
         f"evaluation mode `{evaluation['mode']}` on {len(suites)} suites "
-        f"({'first ' + str(cfg.eval_limit) if cfg.eval_limit else 'all'} examples each). Accuracy in %.",
+        f"({'first ' + str(cfg.eval_limit) if cfg.eval_limit else 'all'} examples each). Accuracy in %; "
+        f"chance is a uniform guess among each question's options.",
         "",
-        markdown_table(table_cols, rows),
+        markdown_table(table_cols, [*rows, {"Method": "Chance", **chance_row}]),
         "",
         "## Every adapter",
         "",
@@ -291,13 +323,16 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: 
     atomic_write_text(out / "report.md", "\n".join(md))
     series = {r["Method"]: [r[c] for c in columns] for r in rows}
     png = plot_grouped_bars(columns, series, out / "report.png", ylabel="accuracy (%)",
-                            title="Single adapters vs. their merge")
+                            title=f"Single adapters vs. their merge ({what})",
+                            reference=[chance_row[c] for c in columns], reference_label="chance")
     report = {
         "config": dataclasses.asdict(cfg),
         "columns": columns,
         "table": rows,
         "adapters": per_adapter,
         "merge_spread": spreads,
+        "what": what,
+        "chance": chance_row,
         "eval_summary": evaluation["files"]["summary"],
         "seconds": timing,
         "files": {"report_md": str(out / "report.md"), "report_png": str(png),

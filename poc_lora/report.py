@@ -77,6 +77,23 @@ def write_table(
     return md_path, csv_path
 
 
+def accuracy_percentages(
+    suite_accuracy: Mapping[str, float], average: float, average_key: str = "Ave."
+) -> dict[str, float]:
+    """One model's row in %: ``{column: 100 * accuracy, average_key: 100 * average}``.
+
+    ``suite_accuracy`` maps a table column to an accuracy in [0, 1]; ``average`` is the mean
+    accuracy in [0, 1] as the evaluation stores it. Every table of accuracies (eval
+    ``results.md``, the pipeline's ``report.md``) is built through this one function, so the
+    same number is computed, and hence rounded, the same way in every file.
+
+    Example:
+        >>> accuracy_percentages({"PIQA": 0.5}, 0.5)
+        {'PIQA': 50.0, 'Ave.': 50.0}
+    """
+    return {**{c: 100 * a for c, a in suite_accuracy.items()}, average_key: 100 * average}
+
+
 def comparison_rows(
     accuracies: Mapping[str, Mapping[str, float]],
     columns: Sequence[str],
@@ -164,16 +181,29 @@ def plot_lines(
     ylabel: str = "",
     title: str = "",
     ncols: int = 3,
+    bands: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]] | None = None,
+    markers: Mapping[str, Mapping[str, tuple[str, str, float, float]]] | None = None,
 ) -> Path:
     """Save line plots as PNG: one panel per key of ``panels`` (``ncols`` per row, shared y
-    axis), each holding curves ``{label: (x, y)}`` with a legend."""
+    axis), each holding curves ``{label: (x, y)}`` with a legend.
+
+    ``bands[panel][label] = (x, low, high)`` shades a band in the colour of curve ``label``
+    (e.g. +-1 sd over seeds); ``markers[panel][name] = (marker, label, x, y)`` draws one
+    point with matplotlib marker ``marker`` in the colour of curve ``label``.
+    """
     plt = _pyplot()
     ncols = max(1, min(ncols, len(panels)))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), sharey=True, squeeze=False)
     for ax, (panel_title, curves) in zip(axes.flat, panels.items()):
+        colours = {}
         for label, (x, y) in curves.items():
-            ax.plot(list(x), list(y), marker=".", label=str(label))
+            (line,) = ax.plot(list(x), list(y), marker=".", label=str(label))
+            colours[label] = line.get_color()
+        for label, (x, low, high) in (bands or {}).get(panel_title, {}).items():
+            ax.fill_between(list(x), list(low), list(high), color=colours.get(label), alpha=0.2, linewidth=0)
+        for marker, label, x, y in (markers or {}).get(panel_title, {}).values():
+            ax.scatter([x], [y], marker=marker, color=colours.get(label), zorder=3)
         ax.set_title(panel_title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -183,7 +213,7 @@ def plot_lines(
     for row in axes:
         row[0].set_ylabel(ylabel)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -194,9 +224,14 @@ def plot_grouped_bars(
     path: str | os.PathLike,
     ylabel: str = "",
     title: str = "",
+    reference: Sequence[float] | None = None,
+    reference_label: str = "",
 ) -> Path:
     """Save a grouped bar chart as PNG: one group per entry of ``groups`` (e.g. suites), one bar
-    per series (e.g. "LoRA (best)", "LoRA (ave.)", "PoC merge") with a legend."""
+    per series (e.g. "LoRA (best)", "LoRA (ave.)", "PoC merge") with a legend.
+
+    ``reference`` (one value per group, e.g. each suite's chance accuracy) is drawn as a
+    dashed black segment across the group, labelled ``reference_label`` in the legend."""
     plt = _pyplot()
     n = max(len(series), 1)
     width = 0.8 / n
@@ -204,11 +239,14 @@ def plot_grouped_bars(
     for k, (label, values) in enumerate(series.items()):
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(groups))]
         ax.bar(xs, list(values), width=width, label=str(label))
+    for i, value in enumerate(reference or []):
+        ax.hlines(value, i - 0.45, i + 0.45, colors="black", linestyles="dashed",
+                  label=reference_label if i == 0 else None, zorder=3)
     ax.set_xticks(range(len(groups)), list(groups), rotation=0)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     # below the axes, so the legend never hides a bar
-    ax.legend(fontsize="small", ncol=min(n, 4), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.legend(fontsize="small", ncol=min(n + (reference is not None), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     return save_figure(fig, path)

@@ -12,12 +12,14 @@ import torch
 import yaml
 
 from poc_lora.cli import main as cli_main
-from poc_lora.errors import ConfigError
+from poc_lora.errors import ConfigError, OutputError
 from poc_lora.mfnn.config import CONFIG_FILES, PAPER_SETTINGS, resolve_settings
 from poc_lora.mfnn.data import double_circle, multi_index
-from poc_lora.mfnn.experiments import merge_sup_errors, run_figure1, run_figure2, run_table2
-from poc_lora.mfnn.mfld import Cell, MFLDSettings, drift, drift_autograd, train_cells, train_mfld
-from poc_lora.mfnn.model import init_particles, merge, predict, prune
+from poc_lora.mfnn.experiments import describe_reading, merge_sup_errors, run_figure1, run_figure2, run_table2
+from poc_lora.mfnn.mfld import (Cell, GridSettings, MFLDSettings, _GridNetwork, drift, drift_autograd,
+                                train_cells, train_lambda_grid, train_mfld)
+from poc_lora.mfnn.model import augmented_inputs, init_particles, merge, predict, prune
+from poc_lora.runtime import derive_seed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,12 +37,12 @@ def _objective(particles, z, y, s: MFLDSettings) -> torch.Tensor:
     if s.loss == "logistic":
         loss = torch.log1p(torch.exp(-y * f)).mean(-1)
     else:
-        loss = 0.5 * ((f - y) ** 2).mean(-1)
+        loss = (0.5 if s.loss == "squared" else 1.0) * ((f - y) ** 2).mean(-1)
     return loss + s.weight_decay * (particles**2).sum(-1).mean(-1)
 
 
 # ------------------------------------------------------------------------ drift, noise
-@pytest.mark.parametrize("loss", ["logistic", "squared"])
+@pytest.mark.parametrize("loss", ["logistic", "squared", "squared_unhalved"])
 def test_drift_equals_n_times_gradient(loss):
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(30, 3, generator=gen, dtype=torch.float64)
@@ -201,26 +203,161 @@ def test_figure1_is_deterministic_by_seed(tmp_path):
     assert texts[0] == texts[1] and texts[0] != texts[2]
 
 
-def test_lambda_grid_quick(tmp_path):
-    small = {"widths": [20, 40], "num_networks": 3, "lams": [0.1, 0.001], "data": {"n": 100, "d": 10, "k": 10}}
-    fig2 = run_figure2(config=small, output=tmp_path, progress=False)
+_SMALL_GRID = {"widths": [20, 40], "num_networks": 3, "lams": [0.1, 0.001], "num_seeds": 2, "epochs": 2,
+               "batch_size": 8, "data": {"n": 100, "d": 10, "k": 10}}
+
+
+def test_lambda_grid_files(tmp_path):
+    fig2 = run_figure2(config=_SMALL_GRID, output=tmp_path, progress=False)
     rows = _read_csv(tmp_path / "figure2.csv")
-    assert list(rows[0]) == ["lambda", "N", "epoch", "log_mse"] and len(rows) == 2 * 2 * 6 == len(fig2["rows"])
+    assert list(rows[0]) == ["lambda", "N", "epoch", "log_mse_mean", "log_mse_sd", "seeds"]
+    assert len(rows) == 2 * 2 * 3 == len(fig2["rows"]) and {r["seeds"] for r in rows} == {"2"}
     assert (tmp_path / "figure2.png").stat().st_size > 0
-    run_table2(config=small, output=tmp_path, progress=False)
+    assert fig2["reading"] == describe_reading(resolve_settings("lambda_grid", _SMALL_GRID))
+    t2 = run_table2(config=_SMALL_GRID, output=tmp_path, progress=False)
     rows = _read_csv(tmp_path / "table2.csv")
-    assert list(rows[0]) == ["lambda", "N", "mse"] and len(rows) == 4
-    assert all(float(r["mse"]) > 0 for r in rows)
+    assert list(rows[0]) == ["lambda", "N", "mse_mean", "mse_sd", "seeds", "paper_mse", "ratio_to_paper"]
+    assert len(rows) == 4 and all(float(r["mse_mean"]) > 0 for r in rows)
+    # mean and sample sd of the per-seed values in the JSON
+    for r in rows:
+        values = t2["summary"]["per_seed_mse"][f"{float(r['lambda']):g}/N={r['N']}"]
+        assert float(r["mse_mean"]) == pytest.approx(sum(values) / 2)
+        assert float(r["mse_sd"]) == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
     md = (tmp_path / "table2.md").read_text()
-    assert "| 0.1 |" in md and "(0.9132)" not in md  # paper values only beside the paper's widths
+    assert t2["reading"] in md and "| 0.1 |" in md and "±" in md
+    assert "(0.9132" not in md  # the paper's values only beside the paper's widths
     assert json.loads((tmp_path / "table2.json").read_text())["settings"]["lams"] == [0.1, 0.001]
+
+
+def test_table2_compares_with_the_paper_and_counts_monotone_columns(tmp_path):
+    config = {**_SMALL_GRID, "widths": [300, 400], "lams": [0.1, 0.01, 0.001], "num_networks": 2,
+              "epochs": 1, "batch_size": 40}
+    result = run_table2(config=config, output=tmp_path, progress=False)
+    rows = _read_csv(tmp_path / "table2.csv")
+    mse = {(float(r["lambda"]), int(r["N"])): float(r["mse_mean"]) for r in rows}
+    paper = {(0.1, 300): 0.9132, (0.01, 300): 1.2325, (0.001, 300): 1.5718,
+             (0.1, 400): 0.9041, (0.01, 400): 1.2230, (0.001, 400): 1.5669}  # the paper's Table 2
+    for r in rows:
+        key = (float(r["lambda"]), int(r["N"]))
+        assert float(r["paper_mse"]) == paper[key]
+        assert float(r["ratio_to_paper"]) == pytest.approx(mse[key] / paper[key])
+    falling = sum(mse[(0.1, w)] < mse[(0.01, w)] < mse[(0.001, w)] for w in (300, 400))
+    assert result["summary"]["monotone_columns"] == falling
+    md = (tmp_path / "table2.md").read_text()
+    assert f"**{falling} of 2**" in md
+    assert f"{mse[(0.1, 300)]:.3f} ± " in md and f"(0.9132, ×{mse[(0.1, 300)] / 0.9132:.2f})" in md
+
+
+def test_lambda_grid_is_deterministic_by_seed_and_thread_count(tmp_path):
+    texts = []
+    for name, seed, workers in [("a", 0, 1), ("b", 0, 2), ("c", 5, 2)]:
+        run_table2(config={**_SMALL_GRID, "workers": workers}, output=tmp_path / name, seed=seed, progress=False)
+        texts.append((tmp_path / name / "table2.csv").read_bytes())
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
+def _reference_sgd(x: torch.Tensor, data, s: GridSettings, order_seed: int, lam: float = 0.0) -> torch.Tensor:
+    """Per-sample (or mini-batch) epochs written as a loop of one-step train_mfld calls."""
+    gen = torch.Generator().manual_seed(order_seed)
+    n = len(data.y_train)
+    batch = s.batch_size or n
+    step = MFLDSettings(eta=s.eta, lam=lam, weight_decay=s.weight_decay, epochs=1, loss=s.loss, R=s.R)
+    for _ in range(s.epochs):
+        order = torch.randperm(n, generator=gen) if batch < n else torch.arange(n)
+        for start in range(0, n, batch):
+            idx = order[start:start + batch]
+            train_mfld(x, data.z_train[idx], data.y_train[idx], step)
+    return x
+
+
+@pytest.mark.parametrize("batch_size,loss,order", [(None, "squared", "shared"), (1, "squared", "shared"),
+                                                   (1, "squared", "per_network"), (7, "squared_unhalved", "shared")])
+def test_grid_trainer_equals_one_network_at_a_time(batch_size, loss, order):
+    """Without noise, every (lambda, N) cell of the vectorised grid trainer (blocks of steps,
+    shared initial draw) equals the same network trained alone by train_mfld, step by step."""
+    data = multi_index(n=60, d=5, k=5, rbar=5.0, seed=0)
+    s = GridSettings(eta=0.005, weight_decay=0.1, epochs=2, loss=loss, batch_size=batch_size, init_std=0.7,
+                     order=order)
+    result = train_lambda_grid(data, [0.0], [7, 13], 2, s, seed=3, workers=2, progress=False)
+    for b in range(2):
+        x0 = 0.7 * torch.randn(13, 7, generator=torch.Generator().manual_seed(derive_seed(3, "init", b)))
+        order_seed = derive_seed(3, "order", b) if order == "per_network" else derive_seed(3, "order")
+        for w in (7, 13):
+            x = _reference_sgd(x0[:w].clone().unsqueeze(0), data, s, order_seed)
+            torch.testing.assert_close(result.predictions[(0.0, w)][b], predict(x, data.z_test)[0],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_grid_noise_is_shared_and_has_variance_2_lambda_eta():
+    """One full-batch step at two temperatures: the residual after the drift is sqrt(2 lam eta)
+    times one standard normal draw shared by every lambda and width (common random numbers)."""
+    data = multi_index(n=40, d=3, k=3, rbar=3.0, seed=0)
+    s = GridSettings(eta=0.02, weight_decay=0.3, epochs=1, batch_size=None)
+    lams, widths = [0.5, 0.02], [3000, 5000]
+    net = _GridNetwork(lams, widths, data.dim, s, torch.Generator().manual_seed(0))
+    x0 = net.particles().clone()
+    zaug = augmented_inputs(data.z_train)
+    net.steps(zaug, data.y_train, [len(data.y_train)], s, 1 - 2 * s.eta * s.weight_decay, torch.Generator().manual_seed(1))
+    x1 = net.particles()
+    rows = [0, 3000, 8000]  # cell boundaries
+    residuals = []
+    for li, lam in enumerate(lams):
+        for c, w in enumerate(widths):
+            cell0 = x0[li, rows[c]:rows[c + 1]].unsqueeze(0)
+            expected = cell0 - s.eta * drift(cell0.double(), data.z_train.double(), data.y_train.double(),
+                                              MFLDSettings(s.eta, lam, s.weight_decay, 1, s.loss, s.R)).float()
+            r = (x1[li, rows[c]:rows[c + 1]] - expected[0]) / math.sqrt(2 * lam * s.eta)
+            residuals.append(r)
+            n = r.numel()
+            assert abs(r.mean().item()) < 5 / math.sqrt(n)
+            assert abs(r.var().item() - 1) < 5 * math.sqrt(2 / (n - 1))
+    # the same draw: lambda 0.5 and 0.02 at N = 3000, and the first 3000 rows of N = 5000
+    torch.testing.assert_close(residuals[0], residuals[2], atol=2e-3, rtol=0)
+    torch.testing.assert_close(residuals[0], residuals[3][:3000], atol=2e-3, rtol=0)
+
+
+def test_describe_reading_follows_the_settings():
+    default = describe_reading(resolve_settings("lambda_grid"))
+    assert default.startswith("epoch = 400 steps of 1 sample") and "(f-y)^2/2" in default
+    assert "data order shared by the networks" in default
+    other = describe_reading(resolve_settings("lambda_grid", {"batch_size": None, "loss": "squared_unhalved",
+                                                              "init_std": 0.5, "data": {"rbar": 1.0}}))
+    assert other.startswith("epoch = 1 full-batch step") and "loss (f-y)^2," in other
+    assert "N(0, 0.5^2 I)" in other and "y = 0.01 sum_j tanh(z_j)" in other
+
+
+def test_readings_configs_are_valid_and_distinct():
+    paths = sorted((REPO / "configs" / "mfnn" / "readings").glob("*.yaml"))
+    assert len(paths) >= 5
+    readings = [describe_reading(resolve_settings("lambda_grid", p)) for p in paths]
+    assert len(set(readings)) == len(readings)
+    assert describe_reading(resolve_settings("lambda_grid", REPO / "configs/mfnn/readings/per_sample.yaml")) \
+        == describe_reading(resolve_settings("lambda_grid"))  # the default reading
+
+
+def test_experiments_refuse_an_existing_output_clearly(tmp_path, capsys):
+    small = {"wide_width": 50, "widths": [10], "num_networks": 2, "num_draws": 2, "epochs": 2}
+    out = tmp_path / "mfnn"
+    run_figure1("classification", config=small, output=out, progress=False)
+    with pytest.raises(OutputError, match="figure1_classification.csv already exists"):
+        run_figure1("classification", config=small, output=out, progress=False)
+    assert cli_main(["mfnn", "figure1", "--quick", "--output", str(out)]) == 1
+    assert "error:" in capsys.readouterr().err
+    (out / "table2.csv").mkdir()  # a directory where a result file goes: refused even with overwrite
+    with pytest.raises(OutputError, match="is a directory"):
+        run_table2(config=_SMALL_GRID, output=out, overwrite=True, progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="not a directory"):
+        run_figure2(config=_SMALL_GRID, output=blocker, progress=False)
+    assert blocker.read_text() == "x"
 
 
 # ------------------------------------------------------------------------------ config
 def test_config_files_match_the_paper_settings():
     for experiment, name in CONFIG_FILES.items():
         loaded = yaml.safe_load((REPO / "configs" / "mfnn" / name).read_text())
-        key = experiment if experiment.startswith("figure1") else "lambda_grid"
+        key = "lambda_grid" if experiment == "table2" else experiment
         assert loaded == PAPER_SETTINGS[key], name
 
 

@@ -243,3 +243,31 @@ def test_readme_sequence_more_adapters_then_demo_again_needs_no_flags(demo_run, 
     assert len(rows) == 16
     assert main(["pipeline", "--config", cfg, "--output", str(pipe), *QUICK_OVERRIDES, "--overwrite"]) == 0
     assert "error" not in capsys.readouterr().err
+
+
+def test_report_says_what_it_is_draws_chance_and_rounds_like_the_eval_table(demo_run):
+    pipe = demo_run / "pipeline"
+    md = (pipe / "report.md").read_text()
+    assert md.splitlines()[0] == "# poc-lora pipeline report: synthetic suites, tiny model, rank-mode scoring"
+    report = json.loads((pipe / "report.json").read_text())
+    assert report["what"] == "synthetic suites, tiny model, rank-mode scoring"
+    # chance: a uniform guess among the options written in each evaluated question
+    limit = PipelineConfig.from_yaml(DEMO_CONFIG, QUICK_OVERRIDES).eval_limit
+    data_dir = Path(json.loads((pipe / "eval" / "summary.json").read_text())["data_dir"])
+    for s in SUITE_ORDER:
+        records = json.loads((data_dir / s / "test.json").read_text())[:limit]
+        options = [len(re.findall(rf"\b{SUITES[s].option_prefix}\d+:", r["instruction"])) if SUITES[s].option_prefix
+                   else 2 for r in records]
+        assert report["chance"][SUITES[s].column] == pytest.approx(100 * sum(1 / k for k in options) / len(options))
+    assert "| Chance |" in md
+    # one value, one rounding: the PoC merge row reads the same in report.md and eval/results.md
+    def cells(text: str, label: str) -> list[str]:
+        line = next(l for l in text.splitlines() if l.startswith(f"| {label} |"))
+        return re.findall(r"\d+\.\d+", line)
+    results = (pipe / "eval" / "results.md").read_text()  # labels merges by method when there are several
+    assert cells(md, "PoC merge") == cells(results, "PoC merge (poc)")
+    assert cells(md, "LoRA (best)") == cells(results, "LoRA (best)")
+    # the average is the evaluation's own (100 x its mean accuracy), bit for bit, not re-derived
+    summary = json.loads((pipe / "eval" / "summary.json").read_text())
+    merged = next(r for r in report["table"] if r["Method"] == "PoC merge")
+    assert merged["Ave."] == 100 * summary["models"][merged["Model"]]["average"]

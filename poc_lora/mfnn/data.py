@@ -1,4 +1,10 @@
-"""The paper's two synthetic data sets (PAPER.md §6), seeded, with an 80/20 split.
+"""The paper's two synthetic data sets (Nitanda et al., ICML 2025, arXiv:2502.05784, §5.1 and
+Appendix B), seeded, with an 80/20 split.
+
+The multi-index inputs are uniform in the d-ball, as the appendix's text says (its Algorithm 2
+as printed takes a fractional power of a Gaussian, which is NaN for negative draws); the
+target scale ``rbar / k`` is 1 by default (Algorithm 2's sum of tanh; the main text's
+(1/k) sum is ``rbar = 1``).
 
 Example:
     >>> from poc_lora.mfnn.data import double_circle, multi_index

@@ -1,6 +1,10 @@
-"""Mean-field Langevin dynamics (MFLD): full-batch noisy gradient descent on particles.
+"""Mean-field Langevin dynamics (MFLD): noisy gradient descent on particles.
 
-One step for every particle x_i of every network (PAPER.md §1):
+:func:`train_cells` (Figure 1) runs full-batch steps on cells of networks of one width;
+:func:`train_lambda_grid` (Figure 2, Table 2) runs full-batch, mini-batch or per-sample epochs
+on a whole (lambda, N) grid at once.
+
+One step for every particle x_i of every network (Nitanda et al., ICML 2025, arXiv:2502.05784, §2):
 
     x_i <- x_i - eta * D_i + sqrt(2 * lam * eta) * xi,       xi ~ N(0, I)
     D_i  = N * grad_{x_i} [ F0 + weight_decay * mean_i ||x_i||^2 ]
@@ -36,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -50,7 +55,8 @@ from .model import DEFAULT_R, augmented_inputs, init_particles, predict
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("logistic", "squared")
+LOSSES = ("logistic", "squared", "squared_unhalved")
+ORDERS = ("shared", "per_network")
 
 # A chunk's (B, N, n) activation buffer holds at most this many floats (1 MiB): with the
 # other buffers it fits a 2 MiB L2 cache, which measured fastest on the 2-core dev machine.
@@ -61,7 +67,8 @@ CHUNK_ELEMENTS = 1 << 18
 class MFLDSettings:
     """Hyper-parameters of MFLD. ``lam`` is the temperature λ (noise), ``weight_decay`` is λ'.
 
-    ``loss`` is ``"logistic"`` (log(1 + exp(-y f)), labels ±1) or ``"squared"`` ((f - y)^2 / 2).
+    ``loss`` is ``"logistic"`` (log(1 + exp(-y f)), labels ±1), ``"squared"`` ((f - y)^2 / 2) or
+    ``"squared_unhalved"`` ((f - y)^2, twice the drift: the paper does not say which it used).
     """
 
     eta: float = 0.1
@@ -82,14 +89,15 @@ def loss_value(f: Tensor, y: Tensor, loss: str) -> Tensor:
     """Mean loss over the last dimension (the data points)."""
     if loss == "logistic":
         return torch.nn.functional.softplus(-y * f).mean(-1)
-    return 0.5 * ((f - y) ** 2).mean(-1)
+    scale = 1.0 if loss == "squared_unhalved" else 0.5
+    return scale * ((f - y) ** 2).mean(-1)
 
 
 def _loss_grad(f: Tensor, y: Tensor, loss: str) -> Tensor:
     """d loss / d f, element-wise."""
     if loss == "logistic":
         return -y * torch.sigmoid(-y * f)
-    return f - y
+    return 2.0 * (f - y) if loss == "squared_unhalved" else f - y
 
 
 class _Buffers:
@@ -281,3 +289,244 @@ def train_cells(
             results.append(CellResult(cell, x.cpu(), predict(x, z_test, cell.settings.R).cpu(), hist))
     return results
 
+
+
+# ------------------------------------------------------------------ the lambda grid
+@dataclass(frozen=True)
+class GridSettings:
+    """One training recipe for a (lambda, N) grid (Figure 2 / Table 2).
+
+    ``batch_size`` is the number of training points per MFLD step: ``None`` is full batch
+    (one step per epoch: the appendix's "noisy gradient descent" read literally), ``b`` makes an epoch one pass over the
+    shuffled training points in ``ceil(n / b)`` steps, each with noise sqrt(2 lambda eta).
+    ``init_std`` scales the N(0, I) initial particles. The loss is as in :class:`MFLDSettings`.
+    ``order`` is ``"shared"`` (the networks of a seed see the training points in one order per
+    epoch, so they differ only by their initialisation and noise, as under full-batch MFLD) or
+    ``"per_network"`` (each network its own order).
+    """
+
+    eta: float = 0.01
+    weight_decay: float = 0.1
+    epochs: int = 5
+    loss: str = "squared"
+    R: float = DEFAULT_R
+    batch_size: int | None = None
+    init_std: float = 1.0
+    order: str = "shared"
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.eta <= 0 or self.weight_decay < 0 or self.epochs < 0 or self.init_std <= 0:
+            raise ValueError(f"invalid grid settings: {self}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be None or >= 1, got {self.batch_size}")
+
+
+@dataclass
+class GridResult:
+    """Test predictions per (lambda, N): ``predictions[(lam, N)]`` is ``(B, n_test)`` for the B
+    networks; ``history[(lam, N)]`` is ``(epochs + 1, B, n_test)`` (after each epoch, epoch 0
+    the initial networks) when asked for, else empty."""
+
+    lams: list[float]
+    widths: list[int]
+    predictions: dict[tuple[float, int], Tensor]
+    history: dict[tuple[float, int], Tensor]
+
+
+class _GridNetwork:
+    """Network index ``b`` of every (lambda, N) cell, all updated by one set of tensor ops.
+
+    Cell c (width N_c) at lambda l is rows ``offsets[c]:offsets[c] + N_c`` of particle matrix l.
+    Every cell starts from the first N_c rows of the same N(0, init_std^2 I) draw and adds the
+    first N_c rows of the same noise draw each step, scaled by sqrt(2 lambda eta): common random
+    numbers, so the grid compares lambda and N on paired networks, and one step draws
+    max(N) x (d + 2) Gaussians instead of L x sum(N) x (d + 2).
+
+    Per-sample steps are memory bound, so the particles are stored in a form that touches each
+    (L, P, d + 2) element twice per step (one product, one update):
+    ``x[l] = decay * (v[l] + scale_l * w[rows])``, where ``v`` (L, P, d + 2) accumulates the
+    drift, ``w`` (max N, d + 2) the shared noise and the scalar ``decay`` the weight-decay shrink
+    (:meth:`settle` folds it back once per epoch). ``f`` of a cell is a product with the (P, C)
+    matrix ``weights`` (R / N_c on the cell's rows); ``member`` maps a cell's g back to its rows.
+    """
+
+    def __init__(self, lams: Sequence[float], widths: Sequence[int], dim: int, s: GridSettings,
+                 init_gen: torch.Generator) -> None:
+        p, top = dim + 2, max(widths)
+        x0 = torch.randn(top, p, generator=init_gen).mul_(s.init_std)
+        self.rows = torch.cat([torch.arange(w) for w in widths])
+        self.v = x0[self.rows].unsqueeze(0).repeat(len(lams), 1, 1).contiguous()  # (L, P, p)
+        self.w = torch.zeros(top, p)
+        self.decay = 1.0
+        cell = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        self.member = torch.nn.functional.one_hot(cell, len(widths)).float()  # (P, C)
+        self.weights = self.member * (s.R / torch.tensor(widths, dtype=torch.float32))
+        self.scales = torch.tensor([math.sqrt(2.0 * lam * s.eta) for lam in lams]).view(-1, 1, 1)
+        self.noisy = bool((self.scales > 0).any())
+        self.noise = torch.empty(top, p)
+
+    def particles(self) -> Tensor:
+        """The particles x ``(L, P, d + 2)`` (a new tensor)."""
+        x = self.v.clone()
+        if self.noisy:
+            x.addcmul_(self.scales, self.w[self.rows])
+        return x.mul_(self.decay)
+
+    def settle(self) -> None:
+        """Fold ``decay`` into ``v`` and ``w`` (keeps them from growing over long runs)."""
+        self.v.mul_(self.decay)
+        self.w.mul_(self.decay)
+        self.decay = 1.0
+
+    def _activations(self, zaug: Tensor) -> tuple[Tensor, Tensor]:
+        """tanh(x1^T z + x2) ``(L, P, m)`` on the rows of ``zaug`` (m, p) and tanh(x3) ``(L, P)``."""
+        pre = torch.matmul(self.v, zaug.T)
+        x3 = self.v[..., -1]
+        if self.noisy:
+            pre.addcmul_(self.scales, torch.matmul(self.w, zaug.T)[self.rows])
+            x3 = torch.addcmul(x3, self.scales[..., 0], self.w[self.rows, -1])
+        return pre.mul_(self.decay).tanh_(), torch.tanh(x3 * self.decay)
+
+    def outputs(self, zaug: Tensor) -> Tensor:
+        """f of every cell on the rows of ``zaug`` (m, p): ``(L, m, C)``."""
+        act, t = self._activations(zaug)
+        return torch.matmul(act.mul_(t.unsqueeze(-1)).transpose(1, 2), self.weights)
+
+    def steps(self, zaug: Tensor, y: Tensor, sizes: Sequence[int], s: GridSettings, shrink: float,
+              gen: torch.Generator) -> None:
+        """Consecutive MFLD steps, step k on the next ``sizes[k]`` rows of ``zaug`` (m, p) and
+        ``y`` (m,), for every cell at once: x <- shrink x - eta D + sqrt(2 lam eta) xi, with D as
+        in :func:`drift`.
+
+        The block reads and writes ``v`` once, not once per step: v.z for every row of the
+        block is one product up front, corrected after each step by that step's rank-m drift
+        (through the Gram matrix of the block's inputs), and the drifts are applied together at
+        the end. Only the small shared noise ``w`` and the x3 column are touched every step.
+        """
+        v = self.v
+        pre_v = torch.matmul(v, zaug.T)  # (L, P, m): v.z_j at the block's start
+        gram = zaug @ zaug.T
+        coefs = torch.empty_like(pre_v)
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
+        for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            zk = zaug[lo:hi]
+            pre, x3 = pre_v[..., lo:hi], v[..., -1]
+            if self.noisy:
+                pre = torch.addcmul(pre, self.scales, torch.matmul(self.w, zk.T)[self.rows])
+                x3 = torch.addcmul(x3, self.scales[..., 0], self.w[self.rows, -1])
+            act = (pre * self.decay).tanh_()  # (L, P, m_k)
+            t = torch.tanh(x3 * self.decay)  # (L, P)
+            f = torch.matmul((act * t.unsqueeze(-1)).transpose(1, 2), self.weights)  # (L, m_k, C)
+            g = _loss_grad(f, y[lo:hi].unsqueeze(-1), s.loss).mul_(1.0 / (hi - lo))  # (L, m_k, C)
+            gp = torch.matmul(g, self.member.T).transpose(1, 2)  # (L, P, m_k): each row's cell's g
+            drift3 = (gp * act).sum(-1).mul_(1.0 - t * t).mul_(s.R)  # x3 column
+            self.decay *= shrink
+            step = -s.eta / self.decay  # in units of v
+            # x1, x2 columns: R t_i sum_j g_j (1 - A_ij^2) zaug_j (zaug's last column 0 spares x3)
+            coef = act.square_().neg_().add_(1.0).mul_(gp).mul_(t.unsqueeze(-1) * (s.R * step))
+            coefs[..., lo:hi] = coef
+            if hi < bounds[-1]:
+                pre_v[..., hi:].add_(torch.matmul(coef, gram[lo:hi, hi:]))
+            v[..., -1].add_(drift3, alpha=step)
+            if self.noisy:
+                self.w.add_(self.noise.normal_(generator=gen), alpha=1.0 / self.decay)
+        v.view(-1, v.shape[-1]).addmm_(coefs.view(-1, coefs.shape[-1]), zaug)
+
+
+# Rows of inputs per block of steps in :meth:`_GridNetwork.steps` (per-sample steps: 16 steps
+# per pass over the particles).
+BLOCK_ROWS = 16
+
+
+def grid_workers() -> int:
+    """Default thread count of :func:`train_lambda_grid`: the CPUs this process may use (its
+    jobs run single-threaded kernels, so torch's own thread setting does not limit them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def train_lambda_grid(
+    data: Split,
+    lams: Sequence[float],
+    widths: Sequence[int],
+    num_networks: int,
+    settings: GridSettings,
+    seed: int = 0,
+    record_history: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+) -> GridResult:
+    """Train ``num_networks`` networks for every (lambda, N) on ``data`` (train split) by MFLD.
+
+    Network b of every cell is trained in one job (:class:`_GridNetwork`): its initial particles
+    and noise are seeded from (``seed``, b), its data order from ``seed`` (and b if
+    ``settings.order`` is ``"per_network"``), so a job's result does not depend on
+    the thread count or the other jobs. ``workers`` threads (default :func:`grid_workers`)
+    run the jobs with single-threaded kernels. Per-sample epochs (``batch_size=1``) on the
+    paper's grid are 2000 steps of 264 000 particles; see README "Mean-field networks".
+
+    Example:
+        >>> from poc_lora.mfnn.data import multi_index
+        >>> data = multi_index(n=60, d=5, k=5, rbar=5.0, seed=0)
+        >>> res = train_lambda_grid(data, [0.1, 0.001], [10, 20], 3, GridSettings(batch_size=4),
+        ...                         progress=False)
+        >>> res.predictions[(0.1, 20)].shape
+        torch.Size([3, 12])
+    """
+    s = settings
+    lams, widths = [float(v) for v in lams], [int(w) for w in widths]
+    z_train = augmented_inputs(data.z_train.float())
+    z_test = augmented_inputs(data.z_test.float())
+    y_train = data.y_train.float()
+    n = len(y_train)
+    batch = n if s.batch_size is None else min(s.batch_size, n)
+    shrink = 1.0 - 2.0 * s.eta * s.weight_decay
+    workers = max(1, workers or grid_workers())
+    out: dict[int, tuple[Tensor, list[Tensor]]] = {}
+
+    def run(b: int) -> int:
+        net = _GridNetwork(lams, widths, data.dim, s, torch.Generator().manual_seed(derive_seed(seed, "init", b)))
+        noise_gen = torch.Generator().manual_seed(derive_seed(seed, "noise", b))
+        order_key = ("order", b) if s.order == "per_network" else ("order",)
+        order_gen = torch.Generator().manual_seed(derive_seed(seed, *order_key))
+        hist = [net.outputs(z_test)] if record_history else []
+        for _ in range(s.epochs):
+            order = torch.randperm(n, generator=order_gen) if batch < n else torch.arange(n)
+            sizes = [min(batch, n - start) for start in range(0, n, batch)]
+            per_block = max(1, BLOCK_ROWS // batch)
+            first = 0
+            for k in range(0, len(sizes), per_block):
+                block = sizes[k:k + per_block]
+                idx = order[first:first + sum(block)]
+                net.steps(z_train[idx], y_train[idx], block, s, shrink, noise_gen)
+                first += sum(block)
+            net.settle()
+            if record_history:
+                hist.append(net.outputs(z_test))
+        out[b] = (net.outputs(z_test), hist)
+        return s.epochs
+
+    with tqdm(total=num_networks * s.epochs, desc="MFLD network-epochs (all lambda, N)",
+              disable=not progress) as bar, torch_threads(1):
+        if workers == 1:
+            for b in range(num_networks):
+                bar.update(run(b))
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for done in pool.map(run, range(num_networks)):
+                    bar.update(done)
+
+    final = torch.stack([out[b][0] for b in range(num_networks)])  # (B, L, n_test, C)
+    predictions = {(lam, w): final[:, li, :, ci].contiguous() for li, lam in enumerate(lams)
+                   for ci, w in enumerate(widths)}
+    history: dict[tuple[float, int], Tensor] = {}
+    if record_history:
+        per_epoch = torch.stack([torch.stack(out[b][1]) for b in range(num_networks)], dim=1)  # (E+1, B, L, n, C)
+        history = {(lam, w): per_epoch[:, :, li, :, ci].contiguous() for li, lam in enumerate(lams)
+                   for ci, w in enumerate(widths)}
+    return GridResult(lams, widths, predictions, history)

@@ -6,7 +6,7 @@ laid out as the rows of an ``(N, d + 2)`` matrix; B networks of the same width a
 
     f(z) = (1/N) sum_i h(x_i, z),     h(x, z) = R tanh(x3) tanh(x1^T z + x2),
 
-so merging M networks (PAPER.md §2) is concatenating their particles: the mean over all
+so merging M networks (Nitanda et al., ICML 2025, arXiv:2502.05784, §3) is concatenating their particles: the mean over all
 M*N particles puts weight 1/(MN) on each, which equals the average of the M outputs.
 
 Example:
@@ -34,7 +34,7 @@ def init_particles(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Tensor:
-    """Draw ``num_networks`` networks of ``width`` particles from N(0, I) (PAPER.md §6).
+    """Draw ``num_networks`` networks of ``width`` particles from N(0, I) (the paper does not state its initialisation).
 
     Returns a ``(num_networks, width, d + 2)`` tensor; column ``d`` is x2, column ``d + 1`` is x3.
     """
