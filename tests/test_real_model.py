@@ -212,7 +212,7 @@ def test_merge_into_base_keeps_tying_and_equals_the_peft_adapter(base, tok, adap
 
     from poc_lora.merge import merge_adapters
 
-    merge_adapters(adapters, tmp_path / "full", merge_into_base=True, base_model=str(smollm2_dir))
+    merge_adapters(adapters, tmp_path / "full", merge_into_base=True, base_model=SMOLLM2_MODEL_ID)  # the embedded id
     written = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"), dtype=torch.float32).eval()
     assert written.config.tie_word_embeddings is True
     assert written.lm_head.weight.data_ptr() == written.model.embed_tokens.weight.data_ptr()
