@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from poc_lora.errors import DataError
+from poc_lora.errors import ConfigError, DataError
 
-from .suites import Suite, get_suite
+from .suites import SUITE_ORDER, SUITES, Suite, get_suite
 
 TEST_FILE = "test.json"
 README_DATA_SECTION = 'the README section "Getting the commonsense data"'
@@ -30,6 +30,26 @@ def suite_file(data_dir: str | Path, suite: Suite | str) -> Path:
     """Where a suite's test file must be: ``<data_dir>/<suite>/test.json``."""
     name = suite.name if isinstance(suite, Suite) else suite
     return Path(data_dir) / name / TEST_FILE
+
+
+# ``tasks`` value meaning "every suite whose test file the data directory holds".
+AVAILABLE = "available"
+
+
+def available_suites(data_dir: str | Path) -> list[Suite]:
+    """The suites (paper order) whose ``<suite>/test.json`` exists under ``data_dir``.
+
+    Raises :class:`ConfigError` naming the directory when it holds none.
+
+    Example:
+        >>> [s.name for s in available_suites("data/my_tests")]  # doctest: +SKIP
+        ['boolq', 'piqa']
+    """
+    found = [SUITES[name] for name in SUITE_ORDER if suite_file(data_dir, SUITES[name]).is_file()]
+    if not found:
+        raise ConfigError(f"tasks=available: {data_dir} holds no <suite>/test.json "
+                          f"(suites: {', '.join(SUITE_ORDER)})")
+    return found
 
 
 def _check_record(rec: Any, suite: Suite, path: Path, index: int) -> dict[str, str]:

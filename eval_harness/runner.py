@@ -41,7 +41,7 @@ from poc_lora.outputs import atomic_write_text, write_json
 
 from poc_lora.adapters import sha256_file
 
-from .data import load_suite, suite_file
+from .data import AVAILABLE, available_suites, load_suite, suite_file
 from .metrics import load_metric
 from .scoring import (CANDIDATE_FORMAT, candidate_labels, extract_answer, generate_responses, rank_prediction,
                       rank_scores)
@@ -326,7 +326,8 @@ def evaluate(
         merged_adapters: merged adapter directories ("PoC merge" row when ``adapters`` are given).
         data_dir: holds ``<suite>/test.json`` (LLM-Adapters layout).
         output: result directory (created; existing finished pairs are reused).
-        tasks: ``"all"`` or suite names (comma-separated string or list).
+        tasks: ``"all"``, ``"available"`` (the suites whose test file ``data_dir`` holds) or
+            suite names (comma-separated string or list).
         mode: ``"generate"`` (the paper's beam search + label extraction) or ``"rank"``
             (argmax log-likelihood of "the correct answer is <label>").
         limit: evaluate the first ``limit`` examples of each suite.
@@ -345,7 +346,7 @@ def evaluate(
         0.5
     """
     start = time.perf_counter()
-    suites = parse_tasks(tasks)
+    suites = available_suites(data_dir) if tasks == AVAILABLE else parse_tasks(tasks)
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     for name, value in (("batch_size", batch_size), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):

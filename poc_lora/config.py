@@ -33,6 +33,9 @@ CONFIG_FILE = "poc_lora_config.yaml"
 PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # ``data_path`` value that means "write the synthetic commonsense suites" (see poc_lora.data.instructions).
 SYNTHETIC_DATA = "synthetic"
+# ... or the natural-language synthetic suites for real models (poc_lora.data.reasoning).
+SYNTHETIC_REASONING_DATA = "synthetic-reasoning"
+SYNTHETIC_KINDS = (SYNTHETIC_DATA, SYNTHETIC_REASONING_DATA)
 
 
 @dataclass
@@ -61,9 +64,13 @@ class LoraArguments:
                                            metadata={"help": "module names to adapt (list or comma-separated)"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scale alpha/sqrt(r)"})
     lora_bias: str = field(default="none", metadata={"help": "PEFT bias: none, all or lora_only"})
+    # Typed str so the command line takes "20-29"; __post_init__ turns it into a list of ints.
+    lora_layers_to_transform: str | None = field(default=None, metadata={
+        "help": "PEFT layers_to_transform: only these decoder layers get a LoRA (list, or 'a-b' range; default all)"})
 
     def __post_init__(self) -> None:
         self.lora_target_modules = _as_list(self.lora_target_modules)
+        self.lora_layers_to_transform = _layer_list(self.lora_layers_to_transform)  # type: ignore[assignment]
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
         if self.lora_r < 1:
@@ -75,7 +82,8 @@ class DataArguments:
     """Instruction data (commonsense_170k layout) and its tokenisation; LLM-Adapters' names."""
 
     data_path: str | None = field(default=None, metadata={
-        "help": "JSON/JSONL file, hub dataset id, or 'synthetic' (the offline suites; see synthetic_*)"})
+        "help": "JSON/JSONL file, hub dataset id, 'synthetic' (the offline cue-word suites, for the tiny model) "
+                "or 'synthetic-reasoning' (natural-language questions, for real models); see synthetic_*"})
     dataset_split: str = field(default="train", metadata={"help": "split to read from a hub dataset"})
     prompt_template: str = field(default="llm-adapters", metadata={"help": "alpaca or llm-adapters"})
     cutoff_len: int = field(default=256, metadata={"help": "maximum tokens per example (prompt + response)"})
@@ -197,6 +205,28 @@ def _as_list(value: Any) -> list[str]:
     for v in value:
         out += _as_list(v) if isinstance(v, str) else [v]
     return out
+
+
+def _layer_list(value: Any) -> list[int] | None:
+    """``[20, 21]``, ``"20,21"`` or ``"20-29"`` -> a sorted list of layer indices (None stays None)."""
+    if value is None or value == [] or value == "":
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    layers: set[int] = set()
+    try:
+        for item in items:
+            for part in str(item).split(","):
+                part = part.strip()
+                if "-" in part[1:]:
+                    lo, hi = (int(x) for x in part.split("-", 1))
+                    layers.update(range(lo, hi + 1))
+                elif part:
+                    layers.add(int(part))
+    except ValueError:
+        raise ConfigError(f"lora_layers_to_transform must be layer indices or ranges like 20-29, got {value!r}") from None
+    if not layers or min(layers) < 0:
+        raise ConfigError(f"lora_layers_to_transform must be non-negative layer indices, got {value!r}")
+    return sorted(layers)
 
 
 def _unknown_key_error(key: str, where: str, valid: list[str]) -> ConfigError:

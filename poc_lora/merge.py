@@ -534,8 +534,10 @@ _INDEX_NAME = "model.safetensors.index.json"
 
 def _resolve_base(base_model: str | Path) -> Path:
     """A local model directory, or a hub id fetched with ``snapshot_download`` (which honours
-    HF_HUB_OFFLINE and the local cache)."""
-    p = Path(base_model)
+    HF_HUB_OFFLINE and the local cache). Embedded ids and .gguf files resolve to their local copy."""
+    from .models import resolve_model_path
+
+    p = Path(resolve_model_path(str(base_model)))
     if p.is_dir():
         return p
     if p.exists():

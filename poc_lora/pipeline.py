@@ -71,6 +71,7 @@ class PipelineConfig:
     eval_limit: int | None = None
     eval_batch_size: int = 16
     eval_num_beams: int = 4
+    include_base: bool = False  # also evaluate the plain base model (a "Base model" row)
     output_dir: str = "results/pipeline"
 
     @classmethod
@@ -130,16 +131,12 @@ def _train_overrides(cfg: PipelineConfig, output_dir: Path) -> list[str]:
 def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
     if cfg.eval_data_dir:
         return Path(cfg.eval_data_dir)
-    from .config import SYNTHETIC_DATA
+    from .data.instructions import synthetic_test_dir
 
-    if train_cfg.data.data_path != SYNTHETIC_DATA:
+    test_dir = synthetic_test_dir(train_cfg.data)  # writes the synthetic suites if they are not there yet
+    if test_dir is None:
         raise ConfigError("eval_data_dir is required when the training data are not the synthetic suites")
-    from .data.instructions import resolve_data_path, synthetic_data_dir
-
-    resolve_data_path(train_cfg.data)  # writes the synthetic suites if they are not there yet
-    d = train_cfg.data
-    return synthetic_data_dir(d.synthetic_train_per_suite, d.synthetic_test_per_suite,
-                              d.synthetic_label_noise, d.synthetic_seed)
+    return test_dir
 
 
 def _merge_settings(cfg: PipelineConfig, method: str, adapters: list[Path]) -> dict[str, Any]:
@@ -204,7 +201,8 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
     common = dict(data_dir=data_dir, output=out, tasks=cfg.eval_tasks, mode=cfg.eval_mode, limit=cfg.eval_limit,
                   batch_size=cfg.eval_batch_size, num_beams=cfg.eval_num_beams)
     shared = {"base_model": base_model, "data_dir": str(data_dir), "tasks": cfg.eval_tasks, "mode": cfg.eval_mode,
-              "limit": cfg.eval_limit, "num_beams": cfg.eval_num_beams if cfg.eval_mode == "generate" else None}
+              "limit": cfg.eval_limit, "num_beams": cfg.eval_num_beams if cfg.eval_mode == "generate" else None,
+              "include_base": cfg.include_base}
     models = [(a, "adapter") for a in adapters] + [(m, "merged") for m in merges.values()]
     settings = {p: {**shared, "model": str(p), "model_stage": stage_hash(p)} for p, _ in models}
     stale = [(p, kind) for p, kind in models if overwrite or not is_current(out / p.name, settings[p])]
@@ -212,7 +210,7 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
         logger.info("evaluating %d of %d models (%s); the others are up to date", len(stale), len(models),
                     ", ".join(p.name for p, _ in stale))
         evaluate(base_model, [p for p, k in stale if k == "adapter"], [p for p, k in stale if k == "merged"],
-                 overwrite=True, **common)
+                 include_base=False, overwrite=True, **common)
         for p, _ in stale:
             write_stage(out / p.name, "eval", settings[p])
     else:
@@ -220,7 +218,10 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
     collected = {**shared, "models": {str(p): stage_hash(out / p.name) for p, _ in models}}
     if not stale and is_current(out, collected) and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
-    result = evaluate(base_model, adapters, list(merges.values()), overwrite=False, **common)
+    # The base model (when asked for) is evaluated here, once: its results are keyed by the
+    # evaluation settings alone, so the runner's own per-pair check decides whether it is current.
+    result = evaluate(base_model, adapters, list(merges.values()), include_base=cfg.include_base or None,
+                      overwrite=False, **common)
     write_stage(out, "eval", collected)
     return result
 
@@ -293,8 +294,10 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: 
     chance_row = {**{SUITES[s].column: chance[s] for s in suites}, AVERAGE_COLUMN: sum(chance.values()) / len(suites)}
     merge_keys = {by_path[p.resolve()]: _label(meth, p) for meth, p in merges.items()}
     singles = {by_path[a.resolve()] for a in adapters}
+    base = [k for k, m in evaluation["models"].items() if m["kind"] == "base"]
+    base_rows = [{"Method": "Base model", **acc[k], "Model": k} for k in base]
     acc = {k: v for k, v in acc.items() if k in singles or k in merge_keys}
-    rows = comparison_rows(acc, columns, merge_keys, AVERAGE_COLUMN)
+    rows = base_rows + comparison_rows(acc, columns, merge_keys, AVERAGE_COLUMN)
     per_adapter = [{"Method": f"LoRA {k}", **acc[k], "Model": k} for k in sorted(singles)]
     spreads = {}
     for meth, p in merges.items():
@@ -431,24 +434,39 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "pipeline" / "tiny_cpu.yaml"
 # --quick: small enough for CI (about a minute on 2 cores), still every stage for real.
 QUICK_OVERRIDES = ["--num_adapters", "2", "--eval_limit", "16",
                    "--train_overrides", "{max_steps: 12, save_steps: 6, logging_steps: 4}"]
+# `demo --model NAME`: the pipeline config, where under --output it writes, its --quick overrides.
+DEMO_MODELS: dict[str, tuple[Path, str, list[str]]] = {
+    "tiny": (DEMO_CONFIG, "pipeline", QUICK_OVERRIDES),
+    "smollm2": (REPO_ROOT / "configs" / "pipeline" / "smollm2_cpu.yaml", "smollm2",
+                ["--num_adapters", "2", "--eval_limit", "2", "--eval_tasks", "boolq,piqa",
+                 "--train_overrides", "{max_steps: 2, save_steps: 2, logging_steps: 1, cutoff_len: 128}"]),
+}
 
 
-def run_demo(output: str | os.PathLike = "results", quick: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def run_demo(output: str | os.PathLike = "results", quick: bool = False, overwrite: bool = False,
+             model: str = "tiny") -> dict[str, Any]:
     """The README's first command: the tiny pipeline (M = 4) and MFNN Figure 1 (classification).
 
     Writes ``<output>/pipeline/`` (adapters, merges, eval, report.md/json/png) and
     ``<output>/mfnn/`` (figure1_classification.csv/png/json). ``quick`` shrinks both for CI.
+    ``model="smollm2"`` runs ``configs/pipeline/smollm2_cpu.yaml`` (the real SmolLM2-135M-Instruct)
+    into ``<output>/smollm2/`` instead, without the MFNN experiment.
     """
     from .mfnn.experiments import run_figure1
 
-    if not DEMO_CONFIG.is_file():
-        raise ConfigError(f"the demo needs {DEMO_CONFIG}; run it from a source checkout (pip install -e .)")
+    if model not in DEMO_MODELS:
+        raise ConfigError(f"unknown demo model {model!r}; valid: {', '.join(DEMO_MODELS)}")
+    config, subdir, quick_overrides = DEMO_MODELS[model]
+    if not config.is_file():
+        raise ConfigError(f"the demo needs {config}; run it from a source checkout (pip install -e .)")
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise OutputError(f"demo output {output} exists and is not a directory; give a directory (default results/)")
     t = time.perf_counter()
-    report = run_pipeline(DEMO_CONFIG, output / "pipeline", QUICK_OVERRIDES if quick else (), overwrite=overwrite)
+    report = run_pipeline(config, output / subdir, quick_overrides if quick else (), overwrite=overwrite)
     t_pipeline = time.perf_counter() - t
+    if model != "tiny":
+        return {"pipeline": report, "figure1": None, "seconds": {"pipeline": t_pipeline}}
     t = time.perf_counter()
     figure1 = run_figure1("classification", output=output / "mfnn", quick=quick, overwrite=True)
     t_mfnn = time.perf_counter() - t
@@ -457,7 +475,13 @@ def run_demo(output: str | os.PathLike = "results", quick: bool = False, overwri
 
 def main_demo(args: argparse.Namespace) -> int:
     """``poc-lora demo [--output results] [--quick] [--overwrite]``."""
-    result = run_demo(args.output, quick=args.quick, overwrite=args.overwrite)
+    model = getattr(args, "model", "tiny")
+    result = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, model=model)
+    if result["figure1"] is None:
+        _print_report(result["pipeline"], f"{model} pipeline: single adapters vs. their PoC merge (accuracy %)")
+        print(f"\nreport: {result['pipeline']['files']['report_md']}")
+        print(f"time: pipeline {result['seconds']['pipeline']:.0f} s")
+        return 0
     _print_report(result["pipeline"], "Tiny pipeline: single adapters vs. their PoC merge (accuracy %)")
     fig = result["figure1"]
     md = next(Path(p) for p in fig["files"].values() if str(p).endswith(".md"))

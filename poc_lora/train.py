@@ -211,7 +211,7 @@ def lora_config(cfg: TrainConfig) -> Any:
     return LoraConfig(
         r=lo.lora_r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
         target_modules=list(lo.lora_target_modules), bias=lo.lora_bias, use_rslora=lo.use_rslora,
-        task_type="CAUSAL_LM",
+        layers_to_transform=lo.lora_layers_to_transform, task_type="CAUSAL_LM",
     )
 
 
@@ -225,7 +225,12 @@ def attach_lora(model: Any, cfg: TrainConfig) -> Any:
         peft_model = get_peft_model(model, lora_config(cfg))
     except ValueError as exc:  # e.g. target modules not found in the model
         raise ConfigError(f"cannot attach LoRA to {cfg.model.model_name_or_path!r}: {exc}") from None
-    peft_model.peft_config["default"].base_model_name_or_path = cfg.model.model_name_or_path
+    # The local directory an embedded id or a GGUF file resolves to, so the adapter loads with
+    # AutoPeftModelForCausalLM offline (and PEFT does not look an unknown hub id up at every save).
+    from .models import resolve_model_path
+
+    peft_model.peft_config["default"].base_model_name_or_path = resolve_model_path(
+        cfg.model.model_name_or_path, cfg.model.dtype)
     return peft_model
 
 

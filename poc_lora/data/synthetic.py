@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from eval_harness.suites import SUITE_ORDER, SUITES, Suite
 
@@ -83,18 +83,13 @@ def _body(suite: Suite, cue: str, rng: random.Random) -> str:
     return f"{clause}. {rng.choice(WH)} did {name} do?"
 
 
-def make_record(suite: Suite, position: int, rng: random.Random, label_position: int | None = None) -> dict[str, str]:
-    """One record of ``suite`` whose cue word points at answer ``position`` (0-based).
-
-    ``label_position`` (default: ``position``) is the label written into the record; a different
-    value makes a noisy training label.
-    """
-    label_position = position if label_position is None else label_position
-    cue = rng.choice(CUES[position])
-    parts = [suite.lead.format(body=_body(suite, cue, rng))]
+def format_record(suite: Suite, body: str, options: list[str], label_position: int) -> dict[str, str]:
+    """A record in ``suite``'s LLM-Adapters layout: the suite's lead with ``body``, the options
+    (``Answer1: ...``; none for BoolQ), the ``Answer format`` line; ``output`` and ``answer`` name
+    the label at ``label_position`` (0-based)."""
+    parts = [suite.lead.format(body=body)]
     if suite.option_prefix:
-        n = _NUM_OPTIONS.get(suite.name, len(suite.labels))
-        parts += [f"{suite.option_prefix}{i + 1}: {_phrase(rng)}" for i in range(n)]
+        parts += [f"{suite.option_prefix}{i + 1}: {text}" for i, text in enumerate(options)]
     parts.append(suite.answer_format)
     label = suite.labels[label_position]
     return {
@@ -105,10 +100,28 @@ def make_record(suite: Suite, position: int, rng: random.Random, label_position:
     }
 
 
+def num_options(suite: Suite) -> int:
+    """How many options the generated questions of ``suite`` carry."""
+    return _NUM_OPTIONS.get(suite.name, len(suite.labels))
+
+
+def make_record(suite: Suite, position: int, rng: random.Random, label_position: int | None = None) -> dict[str, str]:
+    """One record of ``suite`` whose cue word points at answer ``position`` (0-based).
+
+    ``label_position`` (default: ``position``) is the label written into the record; a different
+    value makes a noisy training label.
+    """
+    label_position = position if label_position is None else label_position
+    cue = rng.choice(CUES[position])
+    body = _body(suite, cue, rng)
+    options = [_phrase(rng) for _ in range(num_options(suite))] if suite.option_prefix else []
+    return format_record(suite, body, options, label_position)
+
+
 def make_records(suite: Suite, n: int, seed: int, label_noise: float = 0.0) -> list[dict[str, str]]:
     """``n`` records of one suite, answer positions balanced, deterministic in ``seed``."""
     rng = random.Random(f"{seed}-{suite.name}")
-    n_positions = _NUM_OPTIONS.get(suite.name, len(suite.labels))
+    n_positions = num_options(suite)
     records = []
     for i in range(n):
         position = i % n_positions
@@ -128,18 +141,22 @@ def write_synthetic_commonsense(
     label_noise: float = 0.1,
     seed: int = 0,
     overwrite: bool = False,
+    generator: Callable[..., list[dict[str, str]]] | None = None,
 ) -> Path:
     """Write ``commonsense_train.json`` and ``<suite>/test.json`` for the eight suites.
 
     The training file mixes all suites (like commonsense_170k) in a seeded shuffled order.
-    Returns ``output``. Same arguments, same bytes.
+    ``generator(suite, n, seed=..., label_noise=...)`` makes one suite's records (default
+    :func:`make_records`, the cue-word rule; :func:`poc_lora.data.reasoning.make_records` writes
+    natural-language questions). Returns ``output``. Same arguments, same bytes.
     """
+    generator = generator or make_records
     train: list[dict[str, Any]] = []
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         for k, name in enumerate(SUITE_ORDER):
             suite = SUITES[name]
-            train += make_records(suite, train_per_suite, seed=seed, label_noise=label_noise)
-            test = make_records(suite, test_per_suite, seed=seed + 10_000)
+            train += generator(suite, train_per_suite, seed=seed, label_noise=label_noise)
+            test = generator(suite, test_per_suite, seed=seed + 10_000)
             (tmp / name).mkdir()
             (tmp / name / "test.json").write_text(json.dumps(test, indent=2) + "\n")
         random.Random(seed).shuffle(train)
