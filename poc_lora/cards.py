@@ -32,23 +32,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .citation import BIBTEX, PAPER, PAPER_URL
 from .outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-PAPER = "Nitanda et al., ICML 2025, arXiv:2502.05784"
-PAPER_URL = "https://arxiv.org/abs/2502.05784"
 # Where the paper trains LoRA adapters with Noisy AdamW and merges them (its LoRA experiments).
 PAPER_LORA = "§5.2, Tables 1 and 3"
-BIBTEX = """@inproceedings{nitanda2025poc,
-  title         = {Propagation of Chaos for Mean-Field Langevin Dynamics and its Application to Model Ensemble},
-  author        = {Nitanda and Lee and Kai and Sakaguchi and Suzuki},
-  booktitle     = {International Conference on Machine Learning (ICML)},
-  year          = {2025},
-  eprint        = {2502.05784},
-  archivePrefix = {arXiv}
-}"""
 # Keys of the machine-readable blocks in the card body (yaml code blocks).
 TRAINING_KEY = "poc_lora_training"
 MERGE_KEY = "poc_lora_merge"

@@ -20,18 +20,10 @@ import evaluate
 
 from eval_harness.scoring import extract_answer
 from eval_harness.suites import SUITE_ORDER, get_suite
+from poc_lora.citation import BIBTEX
 from poc_lora.errors import ConfigError
 
-_CITATION = """\
-@inproceedings{nitanda2025poc,
-  title     = {Propagation of Chaos for Mean-Field Langevin Dynamics and its Application to Model Ensemble},
-  author    = {Nitanda and Lee and Kai and Sakaguchi and Suzuki},
-  booktitle = {International Conference on Machine Learning (ICML)},
-  year      = {2025},
-  eprint    = {2502.05784},
-  archivePrefix = {arXiv}
-}
-"""
+_CITATION = BIBTEX + "\n"
 
 _DESCRIPTION = """\
 Accuracy on the eight commonsense suites (LLM-Adapters layout) with the answer-extraction rule of
