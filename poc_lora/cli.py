@@ -122,10 +122,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "paper's generation mode or a fast log-likelihood ranking mode.",
     )
     p.add_argument("--base-model", required=True, help="base model path or hub id")
-    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                   help="adapter directory (repeatable; each evaluated in turn)")
-    p.add_argument("--merged-adapter", action="append", default=[], metavar="DIR",
-                   help="a merged adapter (repeatable); reported as the 'PoC merge' row")
+    p.add_argument("--adapter", action="extend", nargs="+", default=[], metavar="DIR",
+                   help="adapter directories, each evaluated in turn; repeat the flag or give several "
+                   "after it (shell brace expansion: --adapter runs/e/adapter_{0..7})")
+    p.add_argument("--merged-adapter", action="extend", nargs="+", default=[], metavar="DIR",
+                   help="merged adapters (repeat the flag or give several); reported as 'PoC merge' rows")
     p.add_argument("--tasks", default="all", help="all, available (the suites --data-dir holds), or comma-separated suite names")
     p.add_argument("--data-dir", required=True, help="directory holding <suite>/test.json")
     p.add_argument("--mode", choices=["generate", "rank"], default="generate")

@@ -404,3 +404,13 @@ def test_adapter_that_does_not_fit_the_base(env):
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         evaluate(str(env["base"]), [env["data"]], data_dir=env["data"], output=env["root"] / "out-fit",
                  tasks="boolq", mode="rank", limit=2)
+
+
+def test_eval_cli_takes_brace_expanded_and_repeated_adapters():
+    """README: `--adapter runs/x/adapter_{0..2}` expands to one flag with several directories."""
+    from poc_lora.cli import build_parser
+
+    argv = ["eval", "--base-model", "b", "--data-dir", "d", "--output", "o",
+            "--adapter", "a_0", "a_1", "a_2", "--merged-adapter", "m", "--adapter", "a_3"]
+    args = build_parser().parse_args(argv)
+    assert args.adapter == ["a_0", "a_1", "a_2", "a_3"] and args.merged_adapter == ["m"]
