@@ -1,7 +1,7 @@
 """The eight commonsense suites as data: label words, answer-format line, directory, column.
 
 Adding a suite means adding one :class:`Suite` entry; the loaders, scorers and reports are
-generic. Column names and their order follow the paper's tables (PAPER.md Table 1).
+generic. Column names and their order follow the paper's tables (arXiv:2502.05784 Table 1).
 
 Example:
     >>> get_suite("piqa").labels
@@ -21,7 +21,7 @@ class Suite:
     column: str  # column header in the paper's tables
     labels: tuple[str, ...]  # the label words the model must produce
     option_prefix: str  # how the options are written inside the instruction ("Answer1: ...")
-    test_size: int  # size of the official test set (PAPER.md §5), for reference and progress
+    test_size: int  # size of the official test set (arXiv:2502.05784), for reference and progress
     # How the instruction opens; {body} is the question (LLM-Adapters layout). The options and
     # the "Answer format" line follow it.
     lead: str = "Please choose the correct answer to the question: {body}"

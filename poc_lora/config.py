@@ -8,7 +8,7 @@ feel at home. Parsing goes through ``transformers.HfArgumentParser``: the YAML v
 parser's defaults and the command line overrides them, with the parser's own type conversion
 (so ``learning_rate: 3e-4``, which YAML reads as a string, is still a float). An unknown key is a
 :class:`~poc_lora.errors.ConfigError` that lists the valid keys. Defaults are the paper's
-settings (PAPER.md §4).
+settings (arXiv:2502.05784).
 
 Example:
     >>> from poc_lora.config import load_config

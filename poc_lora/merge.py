@@ -1,6 +1,6 @@
 """PoC merge of M PEFT LoRA adapters into one adapter (or into the base model).
 
-The paper's merge (PAPER.md §2-3) is ``dW = sum_j w_j s_j B_j A_j`` with ``w_j = 1/M``: a
+The paper's merge (arXiv:2502.05784) is ``dW = sum_j w_j s_j B_j A_j`` with ``w_j = 1/M``: a
 LoRA of rank ``sum_j r_j`` whose B is ``[w_1 s_1 B_1 ... w_M s_M B_M]`` and whose A stacks
 the ``A_j``. Methods:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One Noisy-AdamW LoRA adapter on one GPU (the paper's per-adapter recipe, PAPER.md §4).
+# One Noisy-AdamW LoRA adapter on one GPU (the paper's per-adapter recipe, arXiv:2502.05784).
 #
 # Expected per adapter (ESTIMATES from the paper's setup, not measured here: batch 16, cutoff 256,
 # bf16, gradient checkpointing, ~31.9k steps for 3 epochs of commonsense_170k):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # M = 8 Noisy-AdamW LoRA adapters on one 8-GPU machine, one adapter per GPU (no gradient
-# communication), then the PoC merge into <output_dir>/merged (PAPER.md §4, Table 1).
+# communication), then the PoC merge into <output_dir>/merged (arXiv:2502.05784, Table 1).
 #
 # Expected per adapter (ESTIMATES from the paper's setup, not measured here), each GPU training its
 # own adapter at the same time, so the wall time of the whole ensemble is about one adapter's:
