@@ -400,6 +400,15 @@ def test_pissa_converted_merges_to_average_of_finetuned_models(pissa_pair, tmp_p
     assert rel(logits(base), logits(average)) > 1e-3  # the fine-tuning did change the model
 
 
+def _copy_with_config(src, dst, **changes):
+    """A copy of adapter ``src`` at ``dst`` with ``changes`` applied to its adapter_config.json."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("init_lora_weights", "olora", "path_initial_model_for_weight_conversion"),
     ("init_lora_weights", "loftq", "LoftQ"),
@@ -410,11 +419,7 @@ def test_pissa_converted_merges_to_average_of_finetuned_models(pissa_pair, tmp_p
 ])
 def test_config_allowlist_refuses(layout_set, tmp_path, field, value, needle):
     _, a0, _, _ = layout_set
-    bad = tmp_path / "bad"
-    shutil.copytree(a0, bad)
-    cfg = json.loads((bad / "adapter_config.json").read_text())
-    cfg[field] = value
-    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    bad = _copy_with_config(a0, tmp_path / "bad", **{field: value})
     with pytest.raises(AdapterError, match=field) as info:
         merge_adapters([a0, bad], tmp_path / "out")
     assert needle in str(info.value) and str(bad) in str(info.value)
@@ -424,11 +429,7 @@ def test_config_allowlist_refuses(layout_set, tmp_path, field, value, needle):
                                          ("init_lora_weights", "eva"), ("ensure_weight_tying", False)])
 def test_config_allowlist_accepts_plain(layout_set, tmp_path, field, value):
     base, a0, a1, _ = layout_set
-    ok = tmp_path / "ok"
-    shutil.copytree(a1, ok)
-    cfg = json.loads((ok / "adapter_config.json").read_text())
-    cfg[field] = value
-    (ok / "adapter_config.json").write_text(json.dumps(cfg))
+    ok = _copy_with_config(a1, tmp_path / "ok", **{field: value})
     merge_adapters([ok, a0], tmp_path / "m")
     assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["init_lora_weights"] is True
     assert_weighted_sum(base, [a1, a0], [0.5, 0.5], tmp_path / "m", full=True)
