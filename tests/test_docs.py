@@ -106,6 +106,18 @@ def test_gen_docs_check_exits_1_on_a_stale_page(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
+def test_generated_block_replaces_only_the_text_between_its_markers():
+    gen = _gen_docs()
+    text = "before\n<!-- generated: t (a note) -->\nold\n<!-- end generated: t -->\nafter\n"
+    assert gen._replace_block(text, "t", "new\n", "p.md") == \
+        "before\n<!-- generated: t (a note) -->\nnew\n<!-- end generated: t -->\nafter\n"
+    with pytest.raises(SystemExit, match="p.md has no"):
+        gen._replace_block("no markers", "t", "new", "p.md")
+    # the merge-method table is ready for the registry's renderer (scripts/gen_docs.py BLOCKS)
+    merging = (ROOT / "docs" / "merging.md").read_text(encoding="utf-8")
+    assert "<!-- generated: merge-methods" in merging and "<!-- end generated: merge-methods -->" in merging
+
+
 @pytest.mark.parametrize("command", [["train"], ["ensemble"], ["merge"], ["eval"], ["pipeline"],
                                      ["demo"], ["mfnn", "figure1"], ["mfnn", "figure2"], ["mfnn", "table2"]])
 def test_cli_page_lists_every_option_of_the_real_help(command, capsys):
