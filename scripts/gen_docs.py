@@ -85,6 +85,7 @@ def _command_section(parser: argparse.ArgumentParser, level: int) -> list[str]:
     if parser.description:
         lines += [_cell(parser.description), ""]
     lines += ["```text", _usage(parser), "```", ""]
+    # Commands that read free --key value config overrides (a set in cli.py today; absent = none).
     if parser.prog.split()[-1] in getattr(cli, "_TAKES_OVERRIDES", ()):
         lines += ["Also takes free `--key value` overrides of the config's keys after these options.", ""]
     rows = [a for a in parser._actions
@@ -92,8 +93,8 @@ def _command_section(parser: argparse.ArgumentParser, level: int) -> list[str]:
     if rows:
         lines += ["| argument | default | description |", "|---|---|---|"]
         for a in rows:
-            name = ", ".join(a.option_strings) or ""
-            lines.append(f"| `{' '.join(filter(None, [name, _metavar(a)]))}` | {_default(a)} | {_help(a, parser.prog)} |")
+            name = " ".join(filter(None, [", ".join(a.option_strings), _metavar(a)]))
+            lines.append(f"| `{name}` | {_default(a)} | {_help(a, parser.prog)} |")
         lines.append("")
     subs = _subcommands(parser)
     if subs:
