@@ -1,6 +1,10 @@
 """Commonsense evaluation for poc-lora: the eight suites, generation and ranking modes.
 
-Importing is cheap: torch and transformers load only when a model is scored.
+``import eval_harness`` is cheap: each public name below loads its module on first access
+(PEP 562, as :mod:`poc_lora` does). :mod:`eval_harness.suites` and :mod:`eval_harness.data` need
+neither torch nor transformers; :mod:`eval_harness.scoring` and :mod:`eval_harness.runner` import
+them (they score models). This package imports only the core of :mod:`poc_lora` (data formats,
+model loading, adapter I/O, outputs), never its workflows (layer contract in ``pyproject.toml``).
 
 Example:
     >>> from eval_harness import extract_answer
@@ -8,13 +12,39 @@ Example:
     'option2'
 """
 
-from .data import from_hub_record, load_suite, write_hub_split
-from .metrics import load_metric, metric_path
-from .runner import evaluate
-from .scoring import extract_answer, generate_responses, rank_scores
-from .suites import SUITES, Suite, get_suite, parse_tasks
+from __future__ import annotations
 
-__all__ = [
-    "SUITES", "Suite", "get_suite", "parse_tasks", "extract_answer", "rank_scores", "generate_responses",
-    "load_suite", "from_hub_record", "write_hub_split", "evaluate", "metric_path", "load_metric",
-]
+import importlib
+from typing import Any
+
+# public name -> module that defines it; loaded on first access so that a user of the suites or
+# the test-set converters does not pay for torch (measured: about 4 s under load).
+_LAZY = {
+    "SUITES": "eval_harness.suites",
+    "Suite": "eval_harness.suites",
+    "get_suite": "eval_harness.suites",
+    "parse_tasks": "eval_harness.suites",
+    "load_suite": "eval_harness.data",
+    "from_hub_record": "eval_harness.data",
+    "write_hub_split": "eval_harness.data",
+    "extract_answer": "eval_harness.scoring",
+    "rank_scores": "eval_harness.scoring",
+    "generate_responses": "eval_harness.scoring",
+    "evaluate": "eval_harness.runner",
+    "metric_path": "eval_harness.metrics",
+    "load_metric": "eval_harness.metrics",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'eval_harness' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

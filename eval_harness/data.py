@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from poc_lora.data.suites import SUITE_ORDER, SUITES, Suite, get_suite
 from poc_lora.errors import ConfigError, DataError
-
-from .suites import SUITE_ORDER, SUITES, Suite, get_suite
+from poc_lora.outputs import atomic_write_text, check_output_path
 
 TEST_FILE = "test.json"
 README_DATA_SECTION = 'the README section "Getting the commonsense data"'
@@ -165,8 +165,6 @@ def write_hub_split(suite: Suite | str, rows: Iterable[Mapping[str, Any]], data_
         >>> from datasets import load_dataset  # doctest: +SKIP
         >>> write_hub_split("piqa", load_dataset("ybisk/piqa", split="validation"), "data")  # doctest: +SKIP
     """
-    from poc_lora.outputs import atomic_write_text, check_output_path
-
     path = check_output_path(suite_file(data_dir, suite), overwrite)
     records = [from_hub_record(suite, row) for row in rows]
     if not records:

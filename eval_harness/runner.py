@@ -36,16 +36,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from poc_lora.errors import AdapterError, ConfigError, OutputError
-from poc_lora.outputs import atomic_write_text, write_json
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
 
-from poc_lora.adapters import sha256_file
+from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile, sha256_file
+from poc_lora.data.suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
+from poc_lora.data.templates import TEMPLATE_RECORD_FILE, get_template, template_hash
+from poc_lora.errors import AdapterError, ConfigError, OutputError
+from poc_lora.models import load_model, load_tokenizer
+from poc_lora.outputs import atomic_write_text, write_json
+from poc_lora.report import accuracy_percentages, comparison_rows, markdown_table, write_table
 
 from .data import AVAILABLE, available_suites, load_suite, suite_file
 from .metrics import load_metric
 from .scoring import (CANDIDATE_FORMAT, candidate_labels, extract_answer, generate_responses, rank_prediction,
                       rank_scores)
-from .suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +79,6 @@ def _safe_name(name: str) -> str:
 
 
 def _adapter_template(adapter: Path | None, fallback: str | None) -> tuple[Any, str]:
-    from poc_lora.data.templates import TEMPLATE_RECORD_FILE, get_template, template_hash
-
     record_path = adapter / TEMPLATE_RECORD_FILE if adapter else None
     if record_path is not None and record_path.is_file():
         try:
@@ -94,8 +98,6 @@ def _check_weights(adapter: Path) -> None:
     """Refuse, before the base model loads, an adapter whose weights file is missing, truncated, not
     safetensors, or a pickle holding anything but tensors (read with ``weights_only=True``, so no
     code in it runs). Only the file is checked; PEFT decides later whether the adapter fits."""
-    from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile
-
     label = f"adapter {adapter}"
     for name in (SAFETENSORS_NAME, BIN_NAME):
         if (adapter / name).is_file():
@@ -147,10 +149,6 @@ class _ModelHolder:
         self.load_seconds = 0.0
 
     def _load_base(self) -> None:
-        import torch
-
-        from poc_lora.models import load_model, load_tokenizer
-
         start = time.perf_counter()
         device_map = {"": 0} if torch.cuda.is_available() else None
         self.model = load_model(self.base_model, self.dtype, load_in_4bit=self.load_in_4bit, device_map=device_map)
@@ -168,8 +166,6 @@ class _ModelHolder:
             if self.active is not None:
                 raise RuntimeError("the base model is evaluated before any adapter is attached")
             return self.model
-        from peft import PeftModel
-
         start = time.perf_counter()
         try:
             if self.active is None:
@@ -191,8 +187,6 @@ class _ModelHolder:
 
 
 def _settings(spec: ModelSpec, suite: Suite, data_dir: Path, base_model: str, opts: dict[str, Any]) -> dict[str, Any]:
-    from poc_lora.data.templates import template_hash
-
     settings = {
         "mode": opts["mode"],
         "base_model": base_model,
@@ -237,8 +231,6 @@ def _sha(text: str) -> str:
 
 def _score_suite(model: Any, tokenizer: Any, spec: ModelSpec, suite: Suite, records: list[dict[str, str]],
                  opts: dict[str, Any]) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
     prompts = [spec.template.eval_prompt(r) for r in records]
     with tqdm(total=len(records), desc=f"{spec.key}/{suite.name}", unit="ex", leave=False) as bar:
         if opts["mode"] == "generate":
@@ -284,8 +276,6 @@ def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[s
 
 
 def _table(models: dict[str, dict[str, Any]], suites: list[Suite]) -> list[dict[str, Any]]:
-    from poc_lora.report import accuracy_percentages, comparison_rows
-
     pct = {key: accuracy_percentages({s.column: m["suites"][s.name]["accuracy"] for s in suites}, m["average"],
                                      AVERAGE_COLUMN)
            for key, m in models.items()}
@@ -387,8 +377,6 @@ def evaluate(
             "average": sum(s["accuracy"] for s in summaries.values()) / len(summaries),
             "unparsed": sum(s["unparsed"] for s in summaries.values()),
         }
-    from poc_lora.report import write_table
-
     rows = _table(models, suites)
     md, csv = write_table(output / "results", ["Method", "Model", *TABLE_COLUMNS], rows)
     result = {
@@ -407,8 +395,6 @@ def evaluate(
 
 def main_eval(args: argparse.Namespace) -> int:
     """``poc-lora eval``: run :func:`evaluate` with the CLI's arguments and print the table."""
-    from poc_lora.report import markdown_table
-
     result = evaluate(
         args.base_model,
         args.adapter,

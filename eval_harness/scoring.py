@@ -21,11 +21,15 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import re
 from typing import Any, Callable, Sequence
 
-from .suites import Suite, get_suite
+import torch
+from transformers import GenerationConfig
+
+from poc_lora.data.suites import Suite, get_suite
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +105,6 @@ def _model_device(model: Any) -> Any:
 def _forward_kwargs(model: Any) -> tuple[str, str | None]:
     """The names this transformers version uses for the KV cache argument and for "logits of the
     last positions only" (v5 renamed ``past_key_values`` to ``cache``)."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(base.forward).parameters
     cache = "cache" if "cache" in params else "past_key_values"
@@ -113,8 +115,6 @@ def _forward_kwargs(model: Any) -> tuple[str, str | None]:
 def generation_config(tokenizer: Any, num_beams: int = 4, max_new_tokens: int = 32) -> Any:
     """The reference's decoding: plain beam search (its temperature/top_p/top_k are inert
     without sampling, so they are left out); the model's own generation defaults are ignored."""
-    from transformers import GenerationConfig
-
     return GenerationConfig(
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
@@ -143,8 +143,6 @@ def generate_responses(
         >>> generate_responses(model, tok, ["### Response:\\n"], batch_size=1)  # doctest: +SKIP
         ['the correct answer is true']
     """
-    import torch
-
     config = generation_config(tokenizer, num_beams, max_new_tokens)
     lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     out: list[str] = [""] * len(prompts)
@@ -210,8 +208,6 @@ def rank_scores(
         >>> rank_scores(model, tok, [prompt], [("true", "false")])  # doctest: +SKIP
         [{'true': -1.3, 'false': -2.9}]
     """
-    import torch
-
     split = [
         _split_candidates(tokenizer, p, [completion_format.format(label=c) for c in cands])
         for p, cands in zip(prompts, candidates)

@@ -3,6 +3,16 @@
 Public API (imported lazily, so ``import poc_lora`` does not pull in torch):
 
     >>> from poc_lora import NoisyAdamW, merge_adapters  # doctest: +SKIP
+
+Layers (each imports only those below it; ``[tool.importlinter]`` in ``pyproject.toml`` is the
+checked contract, ``tests/test_layers.py`` runs it and also refuses import cycles)::
+
+    cli            poc_lora.cli: a thin argparse front end
+    workflows      pipeline (and the demo) > ensemble > train > trainer; mfnn (Figure 1/2, Table 2)
+    eval_harness   the commonsense evaluation (a top-level package)
+    core           config, merge, cards, models, gguf > testing (the tiny model) >
+                   adapters, data (suites, templates, instructions, synthetic data) >
+                   optim, report, stages, runtime > outputs, cache, citation > errors
 """
 
 from __future__ import annotations

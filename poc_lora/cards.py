@@ -32,6 +32,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
+
+from .adapters import sha256_file
 from .citation import BIBTEX, PAPER, PAPER_URL
 from .outputs import atomic_write_text
 
@@ -60,8 +64,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _load_card(path: Path) -> Any:
     """A card's metadata, or None when there is none or it does not parse (never fatal)."""
-    from huggingface_hub import ModelCard
-
     try:
         return ModelCard.load(path, ignore_metadata_errors=True) if path.is_file() else None
     except Exception:  # a foreign README without metadata, unreadable YAML...
@@ -76,8 +78,6 @@ def _base_card(base_model: str | None) -> Any:
     if local.is_dir():
         return _load_card(local / CARD_NAME)
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         cached = try_to_load_from_cache(base_model, CARD_NAME)
     except Exception:  # not a repo id
         return None
@@ -112,8 +112,6 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _yaml_block(key: str, values: dict[str, Any]) -> str:
-    import yaml
-
     text = yaml.safe_dump({key: values}, sort_keys=False, allow_unicode=True, width=120)
     return f"```yaml\n{text}```"
 
@@ -125,8 +123,6 @@ def read_card_block(card_text: str, key: str) -> dict[str, Any] | None:
         >>> read_card_block(Path("runs/merged/README.md").read_text(), MERGE_KEY)["spread"]  # doctest: +SKIP
         0.93
     """
-    import yaml
-
     for block in re.findall(r"```yaml\n(.*?)```", card_text, re.S):
         data = yaml.safe_load(block)
         if isinstance(data, dict) and key in data:
@@ -135,8 +131,6 @@ def read_card_block(card_text: str, key: str) -> dict[str, Any] | None:
 
 
 def _card(metadata: dict[str, Any], body: str) -> Any:
-    from huggingface_hub import ModelCard, ModelCardData
-
     data = ModelCardData(**{k: v for k, v in metadata.items() if v not in (None, [], {})})
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
 
@@ -206,8 +200,6 @@ def training_values(cfg: Any, record: Mapping[str, Any]) -> dict[str, Any]:
         >>> training_values(cfg, json.loads(Path("runs/a0/poc_lora_train.json").read_text()))["temperature"]  # doctest: +SKIP
         1e-05
     """
-    from .adapters import sha256_file
-
     tr, lo, data = cfg.training, cfg.lora, cfg.data
     data_file = record.get("data_file")
     is_file = bool(data_file) and Path(data_file).is_file()
@@ -486,8 +478,6 @@ def write_merge_card(directory: str | Path, report: Any) -> Path:
 # ----------------------------------------------------------------------------- later additions
 def _update(directory: Path, heading: str, content: str, metadata: Mapping[str, Any] | None = None) -> Path | None:
     """Replace one section (and some metadata) of an existing card, atomically."""
-    from huggingface_hub import ModelCard
-
     card = _load_card(directory / CARD_NAME)
     if card is None:
         logger.warning("%s has no model card to update", directory)
@@ -528,8 +518,6 @@ def add_evaluation_cards(
     Example:
         >>> add_evaluation_cards(evaluation, report["columns"], report["table"])  # doctest: +SKIP
     """
-    from huggingface_hub import EvalResult, ModelCardData
-
     names = dict(dataset_names or {})
     header = ["Method", *columns]
     table = _table(header, [[r.get(c) for c in header] for r in rows])

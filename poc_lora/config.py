@@ -27,15 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
+from .data.synthetic import SYNTHETIC_DATA, SYNTHETIC_KINDS, SYNTHETIC_REASONING_DATA  # noqa: F401 (kept importable here)
 from .errors import ConfigError
+from .outputs import atomic_write_text, write_json
 
 CONFIG_FILE = "poc_lora_config.yaml"
 PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-# ``data_path`` value that means "write the synthetic commonsense suites" (see poc_lora.data.instructions).
-SYNTHETIC_DATA = "synthetic"
-# ... or the natural-language synthetic suites for real models (poc_lora.data.reasoning).
-SYNTHETIC_REASONING_DATA = "synthetic-reasoning"
-SYNTHETIC_KINDS = (SYNTHETIC_DATA, SYNTHETIC_REASONING_DATA)
 
 
 @dataclass
@@ -154,10 +153,6 @@ class TrainConfig:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the resolved config as ``poc_lora_config.yaml`` (and ``.json``) into ``directory``."""
-        import yaml
-
-        from .outputs import atomic_write_text, write_json
-
         directory = Path(directory)
         flat = json.loads(json.dumps(self.to_dict(), default=str))  # plain types only
         atomic_write_text(directory / CONFIG_FILE, yaml.safe_dump(flat, sort_keys=False))
@@ -179,6 +174,8 @@ class _Parser:
     """HfArgumentParser whose errors are ConfigErrors (argparse would print and exit)."""
 
     def __new__(cls) -> Any:
+        # transformers (seconds to import) loads only to parse a training config: `poc-lora mfnn`
+        # reads this module for read_yaml and must not pay for it.
         from transformers import HfArgumentParser, TrainingArguments
 
         class Parser(HfArgumentParser):
@@ -190,7 +187,7 @@ class _Parser:
 
 def valid_keys() -> list[str]:
     """Every key a training config may set."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # lazy: see _Parser
 
     keys = []
     for cls in [c for _, c in _GROUPS] + [TrainingArguments]:
@@ -237,8 +234,6 @@ def _unknown_key_error(key: str, where: str, valid: list[str]) -> ConfigError:
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML config file as a mapping; errors name the file."""
-    import yaml
-
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -46,8 +47,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from torch.distributed import PrefixStore
+from torch.distributed.rendezvous import rendezvous
+
+from .cards import add_ensemble_section
 from .config import TrainConfig, load_config
+from .data.instructions import resolve_data_path
 from .errors import ConfigError, OutputError, PocLoraError
+from .merge import merge_adapters
+from .outputs import write_json
+from .stages import changed_settings, is_current, stage_hash, write_stage
+from .train import (AUTO_RESUME, data_sha256, is_complete, load_base_model, load_checked_records, prepare_run,
+                    run_training, tokenize_run, train_settings)
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +107,11 @@ def _launch_env() -> _Rank:
 def _isolate_rank(info: _Rank) -> _Rank:
     """Connect to the launcher's store, then make this process look like a single-process run
     on one device (CUDA_VISIBLE_DEVICES narrowed to this rank's GPU, distributed env removed)."""
-    import torch
-
     for var in _SHARDED_ENV:
         if os.environ.get(var, "").lower() in ("1", "true"):
             raise ConfigError(f"--strategy parallel trains whole adapters per process; launch it with a plain "
                               f"multi-process config (configs/accelerate/multi_gpu.yaml), not {var}")
     if info.world_size > 1:
-        from torch.distributed import PrefixStore
-        from torch.distributed.rendezvous import rendezvous
-
         store, _, _ = next(rendezvous("env://", timeout=_WAIT))
         info = dataclasses.replace(info, store=PrefixStore("poc_lora_ensemble", store))
     if torch.cuda.is_initialized():
@@ -137,8 +144,6 @@ def _wait_for_ranks(info: _Rank) -> None:
 
 def member_configs(cfg: TrainConfig, num_adapters: int) -> list[TrainConfig]:
     """Member j's config: ``output_dir/adapter_<j>``, seeds + j, resuming automatically."""
-    from .train import AUTO_RESUME
-
     members = []
     for j in range(num_adapters):
         m = cfg.for_member(j, adapter_dir(cfg.output_dir, j))
@@ -151,9 +156,6 @@ def member_configs(cfg: TrainConfig, num_adapters: int) -> list[TrainConfig]:
 def _train_members(members: list[TrainConfig], mine: list[int], records: list, data_sha: str | None,
                    retrain_stale: bool = False) -> tuple[list[int], list[int]]:
     """Train this process's members one after another on one base model; returns (trained, skipped)."""
-    from .stages import changed_settings, is_current
-    from .train import is_complete, load_base_model, prepare_run, run_training, tokenize_run, train_settings
-
     trained, skipped, base = [], [], None
     todo = []
     for j in mine:  # every check before the (expensive) model load
@@ -191,9 +193,6 @@ def _train_members(members: list[TrainConfig], mine: list[int], records: list, d
 
 
 def _write_manifest(cfg: TrainConfig, members: list[TrainConfig], strategy: str, world: int, merged: Path | None) -> None:
-    import json
-
-    from .outputs import write_json
 
     manifest = {
         "num_adapters": len(members), "strategy": strategy, "world_size": world,
@@ -212,9 +211,6 @@ def _write_manifest(cfg: TrainConfig, members: list[TrainConfig], strategy: str,
 
 
 def _merge(cfg: TrainConfig, paths: list[Path]) -> tuple[Path, Any]:
-    from .merge import merge_adapters
-    from .stages import is_current, stage_hash, write_stage
-
     out = cfg.output_dir / MERGED_DIR
     settings = {"method": "poc", "adapters": [str(p) for p in paths], "adapter_stages": [stage_hash(p) for p in paths]}
     if is_current(out, settings) and not cfg.poc.overwrite_output_dir:
@@ -259,9 +255,6 @@ def train_ensemble(
     try:
         cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
         members = member_configs(cfg, num_adapters)
-        from .data.instructions import resolve_data_path
-        from .train import data_sha256, load_checked_records
-
         records = load_checked_records(cfg)  # one read + validation for all members
         data_sha = data_sha256(resolve_data_path(cfg.data))
         mine = [j for j in range(num_adapters) if j % info.world_size == info.rank]
@@ -276,16 +269,12 @@ def train_ensemble(
         return result
     _signal_done(info, True)
     _wait_for_ranks(info)
-    from .train import is_complete
-
     missing = [j for j, p in enumerate(paths) if not is_complete(p)]
     if missing:
         raise PocLoraError(f"adapters {missing} are not finished; rerun the same command to resume them")
     if merge:
         result.merged, result.merge_report = _merge(cfg, paths)
     _write_manifest(cfg, members, strategy, info.world_size, result.merged)
-    from .cards import add_ensemble_section
-
     add_ensemble_section(paths, [m.training.seed for m in members], result.merged)
     return result
 

@@ -28,7 +28,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from huggingface_hub import hf_hub_download
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .adapters import sha256_file
+from .cache import cache_dir
 from .errors import ConfigError, OutputError
+from .outputs import atomic_output_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +64,6 @@ def gguf_file(name_or_path: str | os.PathLike) -> Path:
     if len(parts) >= 3 and not path.is_absolute() and not str(name_or_path).startswith("."):
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
         try:
-            from huggingface_hub import hf_hub_download
-
             return Path(hf_hub_download(repo, filename))
         except Exception as exc:  # offline, missing repo or file: all mean "cannot get it"
             raise ConfigError(f"GGUF base {name_or_path!r}: not a local file, and {filename!r} could not be "
@@ -68,8 +73,6 @@ def gguf_file(name_or_path: str | os.PathLike) -> Path:
 
 def file_sha256(path: Path) -> str:
     """sha256 of ``path``, computed once per process for an unchanged file."""
-    from .adapters import sha256_file
-
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
@@ -79,8 +82,6 @@ def file_sha256(path: Path) -> str:
 
 def converted_dir(path: Path, dtype: str = "float32") -> Path:
     """Where :func:`convert_gguf` keeps the conversion of ``path`` in ``dtype``."""
-    from .models import cache_dir
-
     stem = path.name[: -len(GGUF_SUFFIX)] if is_gguf(path.name) else path.name
     return cache_dir() / "gguf" / f"{stem}-{file_sha256(path)[:16]}-v{CONVERSION_VERSION}-{dtype}"
 
@@ -122,14 +123,9 @@ def convert_gguf(name_or_path: str | os.PathLike, dtype: str = "float32", *, sou
     if (out / SOURCE_FILE).is_file():
         return out
     try:
-        import gguf  # noqa: F401  (transformers' GGUF reader)
+        import gguf  # noqa: F401  (transformers' GGUF reader; lazy: the optional `gguf` extra)
     except ImportError:
         raise ConfigError(f"reading the GGUF base {path} needs the gguf package: pip install gguf") from None
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .outputs import atomic_output_dir, write_json
-
     logger.info("converting the GGUF file %s into %s (once; dequantizing to %s)", path, out, dtype)
     torch_dtype = getattr(torch, dtype)
     try:

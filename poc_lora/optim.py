@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import AdamW
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from .errors import ConfigError
 from .runtime import derive_seed
@@ -91,8 +92,6 @@ def _fused_supported(params: list) -> bool | None:
     """True when torch's fused AdamW kernel takes every parameter (a real float tensor on a device
     with fused kernels), else None (torch's own default). Defaulting to fused matches Trainer's
     default ``optim="adamw_torch_fused"``; on a CPU torch's default is a per-tensor loop ~3x slower."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
     devices = set(_get_fused_kernels_supported_devices())
     tensors = []
     for item in params:
@@ -112,7 +111,7 @@ def _check_nonneg(name: str, value: Any) -> None:
 def _dtensor_type() -> type | None:
     if not torch.distributed.is_available():
         return None
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # lazy: torch builds without distributed lack it
 
     return DTensor
 

@@ -40,7 +40,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, OutputError
+import yaml
+
+from eval_harness.data import load_suite
+from eval_harness.runner import evaluate
+from eval_harness.scoring import candidate_labels
+from eval_harness.suites import AVERAGE_COLUMN, SUITES
+
+from .cards import add_evaluation_cards
+from .config import load_config, read_yaml
+from .data.instructions import synthetic_test_dir
+from .data.synthetic import SYNTHETIC_DATA
+from .ensemble import train_ensemble
+from .errors import AdapterError, ConfigError, OutputError
+from .merge import merge_adapters
+from .mfnn.experiments import run_figure1
+from .models import TINY_MODEL_ID
+from .outputs import atomic_write_text, write_json
+from .report import accuracy_percentages, comparison_rows, markdown_table, plot_grouped_bars
+from .stages import changed_settings, clear_stage, is_current, stage_hash, write_stage
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +95,6 @@ class PipelineConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "PipelineConfig":
         """Read a pipeline YAML; ``overrides`` are ``--key value`` pairs of this class's fields."""
-        from .config import read_yaml
-
         path = Path(path)
         raw = read_yaml(path)
         raw.update(_parse_overrides(overrides))
@@ -107,8 +123,6 @@ class PipelineConfig:
 
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
     out: dict[str, Any] = {}
     items = list(overrides)
     while items:
@@ -131,8 +145,6 @@ def _train_overrides(cfg: PipelineConfig, output_dir: Path) -> list[str]:
 def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
     if cfg.eval_data_dir:
         return Path(cfg.eval_data_dir)
-    from .data.instructions import synthetic_test_dir
-
     test_dir = synthetic_test_dir(train_cfg.data)  # writes the synthetic suites if they are not there yet
     if test_dir is None:
         raise ConfigError("eval_data_dir is required when the training data are not the synthetic suites")
@@ -140,8 +152,6 @@ def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
 
 
 def _merge_settings(cfg: PipelineConfig, method: str, adapters: list[Path]) -> dict[str, Any]:
-    from .stages import stage_hash
-
     rank = None
     if method in ("svd", "prune"):
         rank = cfg.merge_rank if cfg.merge_rank is not None else _adapter_rank(adapters[0])
@@ -150,9 +160,6 @@ def _merge_settings(cfg: PipelineConfig, method: str, adapters: list[Path]) -> d
 
 
 def _merge_stage(cfg: PipelineConfig, adapters: list[Path], out: Path, overwrite: bool) -> dict[str, Path]:
-    from .merge import merge_adapters
-    from .stages import changed_settings, clear_stage, is_current, write_stage
-
     merges: dict[str, Path] = {}
     for i, method in enumerate(cfg.merge_methods, 1):
         target = out / method
@@ -172,8 +179,6 @@ def _merge_stage(cfg: PipelineConfig, adapters: list[Path], out: Path, overwrite
 
 
 def _adapter_rank(adapter: Path) -> int:
-    from .errors import AdapterError
-
     path = adapter / "adapter_config.json"
     try:
         return int(json.loads(path.read_text())["r"])
@@ -194,9 +199,6 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
     model's own stage hash); stale models are evaluated again in one call (base loaded once), and
     a second call that finds every pair finished builds the summary and tables.
     """
-    from eval_harness.runner import evaluate
-
-    from .stages import is_current, stage_hash, write_stage
 
     common = dict(data_dir=data_dir, output=out, tasks=cfg.eval_tasks, mode=cfg.eval_mode, limit=cfg.eval_limit,
                   batch_size=cfg.eval_batch_size, num_beams=cfg.eval_num_beams)
@@ -249,9 +251,6 @@ def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any]) ->
     """What the report's numbers are, from the settings actually used, e.g. "synthetic suites,
     tiny model, rank-mode scoring" (the demo) or "data data/dataset, model meta-llama/...,
     generate-mode scoring"."""
-    from .config import SYNTHETIC_DATA, load_config
-    from .models import TINY_MODEL_ID
-
     train_cfg = load_config(cfg.train_config, _train_overrides(cfg, out / "adapters"))
     synthetic = train_cfg.data.data_path == SYNTHETIC_DATA and not cfg.eval_data_dir
     model = evaluation["base_model"]
@@ -265,9 +264,6 @@ def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any]) ->
 def _chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: int | None) -> dict[str, float]:
     """Per suite, the accuracy in % of a uniform guess among each question's options (the
     labels the rank scorer chooses from), averaged over the evaluated questions."""
-    from eval_harness.data import load_suite
-    from eval_harness.scoring import candidate_labels
-
     chance = {}
     for name in suites:
         records = load_suite(data_dir, name, limit)
@@ -278,10 +274,6 @@ def _chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: in
 def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: dict[str, Path],
             adapters: list[Path], timing: dict[str, float]) -> dict[str, Any]:
     """report.md / report.json / report.png from the evaluation's per-model accuracies."""
-    from eval_harness.suites import AVERAGE_COLUMN, SUITES
-
-    from .outputs import atomic_write_text, write_json
-    from .report import accuracy_percentages, comparison_rows, markdown_table, plot_grouped_bars
 
     suites = evaluation["tasks"]
     columns = [SUITES[s].column for s in suites] + [AVERAGE_COLUMN]
@@ -363,10 +355,6 @@ def run_pipeline(
     Raises :class:`~poc_lora.errors.PocLoraError` subclasses for a bad config, data or output
     (``output`` an existing file, say), before anything is trained.
     """
-    from .config import load_config
-    from .ensemble import train_ensemble
-    from .stages import is_current, stage_hash, write_stage
-
     cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.from_yaml(config, overrides)
     out = Path(output or cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -404,9 +392,6 @@ def run_pipeline(
         return json.loads((out / "report.json").read_text())
     logger.info("stage 4/4: writing the report")
     report = _report(cfg, out, evaluation, merges, adapters, timing)
-    from eval_harness.suites import SUITES
-
-    from .cards import add_evaluation_cards
 
     add_evaluation_cards(evaluation, report["columns"], report["table"], {s: SUITES[s].column for s in SUITES})
     write_stage(out, "report", report_settings)
@@ -414,8 +399,6 @@ def run_pipeline(
 
 
 def _print_report(report: dict[str, Any], title: str) -> None:
-    from .report import markdown_table
-
     print(f"\n## {title}\n")
     print(markdown_table(["Method", *report["columns"]], report["table"]))
 
@@ -452,8 +435,6 @@ def run_demo(output: str | os.PathLike = "results", quick: bool = False, overwri
     ``model="smollm2"`` runs ``configs/pipeline/smollm2_cpu.yaml`` (the real SmolLM2-135M-Instruct)
     into ``<output>/smollm2/`` instead, without the MFNN experiment.
     """
-    from .mfnn.experiments import run_figure1
-
     if model not in DEMO_MODELS:
         raise ConfigError(f"unknown demo model {model!r}; valid: {', '.join(DEMO_MODELS)}")
     config, subdir, quick_overrides = DEMO_MODELS[model]

@@ -127,6 +127,7 @@ def comparison_rows(
 
 
 def _pyplot():
+    # lazy: matplotlib is the optional `plot` extra; tables need only the standard library
     try:
         import matplotlib
 

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any, Iterator
 
+from .errors import ConfigError
+
 
 def derive_seed(seed: int, *keys: Any) -> int:
     """A 63-bit seed from ``seed`` and any repr-able keys: well scrambled, stable across runs and
@@ -33,7 +35,7 @@ def torch_threads(n: int) -> Iterator[None]:
     Small tensor ops (a few MB) are slower multi-threaded on a busy machine: each op waits for
     every thread to be scheduled. Callers that run many such ops use ``torch_threads(1)``.
     """
-    import torch
+    import torch  # lazy: configure_threads() in this module must run before torch is imported
 
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -61,8 +63,6 @@ def configure_threads(threads: int | None = None) -> int:
         2
     """
     if threads is not None and threads < 1:
-        from .errors import ConfigError
-
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     env = os.environ
     if threads is None:

@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .outputs import write_json
+
 logger = logging.getLogger(__name__)
 
 STAGE_FILE = ".poc_lora_stage.json"
@@ -75,8 +77,6 @@ def is_current(directory: str | os.PathLike, settings: dict[str, Any]) -> bool:
 
 def write_stage(directory: str | os.PathLike, stage: str, settings: dict[str, Any]) -> Path:
     """Mark ``directory`` as the finished output of ``stage`` for ``settings`` (atomic; write it last)."""
-    from .outputs import write_json
-
     settings = json.loads(json.dumps(settings, default=str))
     return write_json(Path(directory) / STAGE_FILE,
                       {"stage": stage, "settings": settings, "settings_sha256": settings_hash(settings)})

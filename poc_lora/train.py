@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -38,8 +39,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .adapters import sha256_file
+from .cards import write_training_card
 from .config import CONFIG_FILE, TrainConfig, load_config
+from .data.instructions import build_datasets, data_collator, load_records, resolve_data_path
+from .data.templates import TEMPLATE_RECORD_FILE, get_template, template_record
 from .errors import ConfigError, OutputError
+from .models import load_model, load_tokenizer, quantization_config, resolve_model_path
+from .outputs import write_json
+from .stages import clear_stage, write_stage
+from .trainer import NoisyAdamWTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +72,6 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest ``checkpoint-<step>`` directory in ``output_dir`` that Trainer can resume, or None."""
     if not Path(output_dir).is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
     return get_last_checkpoint(str(output_dir))
 
 
@@ -87,8 +99,6 @@ def train_settings(cfg: TrainConfig, data_sha256: str | None = None) -> dict[str
 
 def data_sha256(data_file: str) -> str | None:
     """SHA-256 of the training data file; None for a hub dataset id."""
-    from .adapters import sha256_file
-
     return sha256_file(data_file) if Path(data_file).is_file() else None
 
 
@@ -145,8 +155,6 @@ class PreparedRun:
 
 def load_checked_records(cfg: TrainConfig) -> list[dict[str, str]]:
     """The config's training records, read and validated (``data_path: synthetic`` written first)."""
-    from .data.instructions import load_records, resolve_data_path
-
     return load_records(resolve_data_path(cfg.data), cfg.data.dataset_split)
 
 
@@ -155,9 +163,6 @@ def prepare_run(cfg: TrainConfig, records: list[dict[str, str]] | None = None) -
 
     ``records``: already loaded and validated records (an ensemble reads the data once).
     """
-    from .data.instructions import resolve_data_path
-    from .data.templates import get_template
-
     template = get_template(cfg.data.prompt_template)
     out = cfg.output_dir
     if _resume_requested(cfg) and is_complete(out) and not cfg.poc.overwrite_output_dir:
@@ -165,8 +170,6 @@ def prepare_run(cfg: TrainConfig, records: list[dict[str, str]] | None = None) -
             raise OutputError(f"output_dir {out} exists and is not a directory")
         return PreparedRun(cfg, [], template, None, "", finished=True)
     if cfg.model.load_in_4bit or cfg.model.load_in_8bit:
-        from .models import quantization_config
-
         quantization_config(cfg.model.load_in_4bit, cfg.model.load_in_8bit)  # bitsandbytes present?
     resume = _resolve_resume(cfg)
     _check_output(cfg, resume)
@@ -177,8 +180,6 @@ def prepare_run(cfg: TrainConfig, records: list[dict[str, str]] | None = None) -
 
 def load_base_model(cfg: TrainConfig) -> Any:
     """The frozen base model as the config asks (dtype, quantisation, attention; QLoRA prepared)."""
-    from .models import load_model
-
     m, quantized = cfg.model, cfg.model.load_in_4bit or cfg.model.load_in_8bit
     device_map = {"": str(cfg.training.device)} if quantized else None  # bnb layers need their device up front
     model = load_model(
@@ -188,8 +189,6 @@ def load_base_model(cfg: TrainConfig) -> Any:
         device_map=device_map, trust_remote_code=m.trust_remote_code,
     )
     if quantized:
-        from peft import prepare_model_for_kbit_training
-
         # casts norms to fp32 and makes the inputs require grad, so checkpointed layers backprop
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(cfg))
     elif _checkpointing(cfg):
@@ -205,8 +204,6 @@ def _checkpointing(cfg: TrainConfig) -> bool:
 
 def lora_config(cfg: TrainConfig) -> Any:
     """PEFT ``LoraConfig`` from the config's LoRA fields."""
-    from peft import LoraConfig
-
     lo = cfg.lora
     return LoraConfig(
         r=lo.lora_r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
@@ -217,9 +214,6 @@ def lora_config(cfg: TrainConfig) -> Any:
 
 def attach_lora(model: Any, cfg: TrainConfig) -> Any:
     """A fresh LoRA on ``model``, initialised from the training seed (so seed+j differ)."""
-    from peft import get_peft_model
-    from transformers import set_seed
-
     set_seed(cfg.training.seed)
     try:
         peft_model = get_peft_model(model, lora_config(cfg))
@@ -227,8 +221,6 @@ def attach_lora(model: Any, cfg: TrainConfig) -> Any:
         raise ConfigError(f"cannot attach LoRA to {cfg.model.model_name_or_path!r}: {exc}") from None
     # The local directory an embedded id or a GGUF file resolves to, so the adapter loads with
     # AutoPeftModelForCausalLM offline (and PEFT does not look an unknown hub id up at every save).
-    from .models import resolve_model_path
-
     peft_model.peft_config["default"].base_model_name_or_path = resolve_model_path(
         cfg.model.model_name_or_path, cfg.model.dtype)
     return peft_model
@@ -245,8 +237,6 @@ def _trainable_digest(model: Any) -> str:
 
 def _replicas_identical(model: Any) -> bool | None:
     """Under torch.distributed, whether every rank holds the same trainable weights (None if single)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     digests: list[Any] = [None] * dist.get_world_size()
@@ -259,9 +249,6 @@ def _replicas_identical(model: Any) -> bool | None:
 
 def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Path:
     """Adapter files into a temporary sibling, then moved into output_dir; the record goes last."""
-    from .data.templates import TEMPLATE_RECORD_FILE, template_record
-    from .outputs import write_json
-
     out = run.cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapter-", dir=out.parent))
@@ -272,8 +259,6 @@ def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Pa
         trainer.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=embeddings)
         write_json(tmp / TEMPLATE_RECORD_FILE, template_record(run.template))
         run.cfg.save(tmp)
-        from .cards import write_training_card
-
         write_training_card(tmp, run.cfg, record)  # replaces PEFT's empty README.md template
         for item in tmp.iterdir():
             os.replace(item, out / item.name)
@@ -294,9 +279,6 @@ def _clear_previous(out: Path) -> None:
 def tokenize_run(run: PreparedRun) -> None:
     """Load the tokenizer and tokenise the run's data (before any model is loaded, so data that
     cannot train, such as responses cut away by ``cutoff_len``, fail early)."""
-    from .data.instructions import build_datasets
-    from .models import load_tokenizer
-
     if run.train_dataset is not None or run.finished:
         return
     run.tokenizer = load_tokenizer(run.cfg.model.model_name_or_path, padding_side="right")
@@ -304,8 +286,6 @@ def tokenize_run(run: PreparedRun) -> None:
 
 
 def _log_finished(cfg: TrainConfig) -> None:
-    import json
-
     step = json.loads((cfg.output_dir / DONE_FILE).read_text()).get("global_step", "?")
     logger.warning("%s is already finished (step %s); a resume leaves it unchanged. Pass "
                    "--overwrite_output_dir true (overwrite_output_dir=True) to train it again.", cfg.output_dir, step)
@@ -318,10 +298,6 @@ def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
     which is how :mod:`poc_lora.ensemble` reuses one base model for several adapters); the model
     is None when the run was already finished (a resume of a finished adapter).
     """
-    from .data.instructions import data_collator
-    from .stages import clear_stage
-    from .trainer import NoisyAdamWTrainer
-
     cfg = run.cfg
     if run.finished:
         _log_finished(cfg)
@@ -354,8 +330,6 @@ def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
             "replicas_identical": same,
         }
         _write_adapter(trainer, run, record)
-        from .stages import write_stage
-
         write_stage(cfg.output_dir, "train", train_settings(cfg, data_sha256(run.data_file)))
         logger.info("adapter written to %s (step %d, train loss %.4f)", cfg.output_dir,
                     trainer.state.global_step, metrics.get("train_loss", float("nan")))

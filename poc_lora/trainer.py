@@ -28,6 +28,7 @@ import math
 from typing import Any
 
 import torch
+from torch.optim.optimizer import _get_foreach_kernels_supported_devices
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .errors import ConfigError
@@ -63,8 +64,6 @@ def noisy_adamw_kwargs(args: TrainingArguments, temperature: float = 1e-5, seed:
     if optim == "adamw_torch_fused":
         kwargs["fused"] = True
     elif optim == "adamw_torch":  # Trainer leaves the choice to torch: foreach on GPUs, else per tensor
-        from torch.optim.optimizer import _get_foreach_kernels_supported_devices
-
         kwargs["foreach"] = args.device.type in _get_foreach_kernels_supported_devices()
     else:
         logger.info("TrainingArguments.optim=%r is replaced by NoisyAdamW (fused where supported)", optim)

@@ -32,7 +32,8 @@ from eval_harness.data import load_suite
 from eval_harness.scoring import candidate_labels, generate_responses, rank_scores
 from poc_lora.data.synthetic import write_synthetic_commonsense
 from poc_lora.data.templates import get_template
-from poc_lora.models import SMOLLM2_MODEL_ID, build_tiny_model, load_model, load_tokenizer, resolve_model_path
+from poc_lora.models import SMOLLM2_MODEL_ID, load_model, load_tokenizer, resolve_model_path
+from poc_lora.testing.tiny_model import build_tiny_model
 from poc_lora.report import markdown_table
 
 SUITES = ("boolq", "ARC-Challenge", "hellaswag")

@@ -47,7 +47,8 @@ def _child(variant: str, config: str, steps: int, workdir: str, result: str) -> 
 
     from poc_lora.config import load_config
     from poc_lora.data.instructions import build_datasets, data_collator
-    from poc_lora.models import build_tiny_model, load_tokenizer
+    from poc_lora.models import load_tokenizer
+    from poc_lora.testing.tiny_model import build_tiny_model
     from poc_lora.train import attach_lora, load_base_model, prepare_run
     from poc_lora.trainer import NoisyAdamWTrainer
 

@@ -13,7 +13,8 @@ from poc_lora.data.instructions import (
 )
 from poc_lora.data.templates import get_template
 from poc_lora.errors import ConfigError, DataError
-from poc_lora.models import build_tiny_model, load_tokenizer
+from poc_lora.models import load_tokenizer
+from poc_lora.testing.tiny_model import build_tiny_model
 
 RECORDS = [
     {"instruction": "Please answer the following question with true or false, question: did Alex find the "

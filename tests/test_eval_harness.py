@@ -20,7 +20,8 @@ from poc_lora.cli import main as cli_main
 from poc_lora.data.synthetic import write_synthetic_commonsense
 from poc_lora.data.templates import TEMPLATE_RECORD_FILE, get_template, template_record
 from poc_lora.errors import AdapterError, ConfigError, DataError, OutputError
-from poc_lora.models import build_tiny_model, load_model, load_tokenizer
+from poc_lora.models import load_model, load_tokenizer
+from poc_lora.testing.tiny_model import build_tiny_model
 
 TASKS = "boolq,piqa"
 

@@ -11,7 +11,8 @@ import pytest
 from eval_harness.suites import SUITE_ORDER, SUITES
 from poc_lora.data.synthetic import CUES, TRAIN_FILE, write_synthetic_commonsense
 from poc_lora.data.templates import TEMPLATES
-from poc_lora.models import build_tiny_model, load_model, load_tokenizer
+from poc_lora.models import load_model, load_tokenizer
+from poc_lora.testing.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -100,13 +100,13 @@ def test_finished_adapter_is_not_overwritten(trained, capsys):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Bad input must fail before the model (or tokenizer) is loaded."""
-    import poc_lora.models as models
+    import poc_lora.train as train_module  # where training looks the loaders up
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(models, "load_model", boom)
-    monkeypatch.setattr(models, "load_tokenizer", boom)
+    monkeypatch.setattr(train_module, "load_model", boom)
+    monkeypatch.setattr(train_module, "load_tokenizer", boom)
 
 
 def _bad_data(tmp_path: Path) -> dict[str, Path]:
@@ -205,7 +205,7 @@ def test_one_adapter_data_parallel_keeps_replicas_identical(tmp_path):
 
 def test_qlora_4bit_with_checkpointing_trains(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from poc_lora.models import build_tiny_model
+    from poc_lora.testing.tiny_model import build_tiny_model
 
     # bitsandbytes' CPU 4-bit kernels need output sizes divisible by their block (176 is not)
     base = build_tiny_model(tmp_path / "tiny192", intermediate_size=192)
@@ -262,12 +262,12 @@ def test_ensemble_with_changed_settings_is_refused_not_silently_reused(sequentia
 @pytest.fixture
 def no_model_weights(monkeypatch):
     """The tokenizer may load (tokenising comes first); the model must not."""
-    import poc_lora.models as models
+    import poc_lora.train as train_module  # where training looks the loader up
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the data were checked")
 
-    monkeypatch.setattr(models, "load_model", boom)
+    monkeypatch.setattr(train_module, "load_model", boom)
 
 
 def _records_with_prompt_lengths(tmp_path: Path, n_short: int, n_long: int) -> Path:

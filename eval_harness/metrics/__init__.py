@@ -18,6 +18,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import evaluate
+
 METRIC_NAME = "commonsense_accuracy"
 
 
@@ -44,8 +46,6 @@ def load_metric(suite: str) -> Any:
         >>> load_metric("boolq").compute(predictions=["true"], references=["true"])["accuracy"]  # doctest: +SKIP
         1.0
     """
-    import evaluate
-
     return evaluate.load(metric_path(), suite, keep_in_memory=True)
 
 

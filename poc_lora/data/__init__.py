@@ -1,1 +1,2 @@
-"""Prompt templates, instruction data, and the synthetic commonsense suites."""
+"""Data formats (core layer): the eight suites' definitions, prompt templates, instruction data, and
+the synthetic commonsense suites."""

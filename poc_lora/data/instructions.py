@@ -29,7 +29,13 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import datasets
+from transformers import DataCollatorForSeq2Seq
+
+from ..cache import cache_dir
 from ..errors import DataError
+from .reasoning import make_records as make_reasoning_records
+from .synthetic import SYNTHETIC_KINDS, SYNTHETIC_REASONING_DATA, TRAIN_FILE, write_synthetic_commonsense
 from .templates import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -43,16 +49,12 @@ _FILE_SUFFIXES = (".json", ".jsonl")
 def synthetic_data_dir(train_per_suite: int, test_per_suite: int, label_noise: float, seed: int,
                        kind: str = "synthetic") -> Path:
     """Where :func:`resolve_data_path` keeps the synthetic suites of ``kind`` for these options."""
-    from ..models import cache_dir
-
     return cache_dir() / f"{kind}-tr{train_per_suite}-te{test_per_suite}-ln{label_noise:g}-s{seed}"
 
 
 def synthetic_test_dir(data_args: Any) -> Path | None:
     """The directory of ``<suite>/test.json`` written beside synthetic training data (written on
     demand), or None when ``data_args.data_path`` is not a synthetic kind."""
-    from ..config import SYNTHETIC_KINDS
-
     if data_args.data_path not in SYNTHETIC_KINDS:
         return None
     return Path(resolve_data_path(data_args)).parent
@@ -61,16 +63,10 @@ def synthetic_test_dir(data_args: Any) -> Path | None:
 def resolve_data_path(data_args: Any) -> str:
     """``data_args.data_path``, with ``"synthetic"`` mapped to the (written on demand) synthetic
     training file. Anything else is returned unchanged."""
-    from ..config import SYNTHETIC_KINDS, SYNTHETIC_REASONING_DATA
-
     kind = data_args.data_path
     if kind not in SYNTHETIC_KINDS:
         return data_args.data_path
-    from .synthetic import TRAIN_FILE, write_synthetic_commonsense
-
-    generator = None
-    if kind == SYNTHETIC_REASONING_DATA:
-        from .reasoning import make_records as generator
+    generator = make_reasoning_records if kind == SYNTHETIC_REASONING_DATA else None
     root = synthetic_data_dir(data_args.synthetic_train_per_suite, data_args.synthetic_test_per_suite,
                               data_args.synthetic_label_noise, data_args.synthetic_seed, kind)
     if not (root / TRAIN_FILE).exists():
@@ -113,8 +109,6 @@ def _read_json_file(path: Path) -> list[Any]:
 
 def _read_hub_dataset(name: str, split: str) -> list[Any]:
     try:
-        import datasets
-
         ds = datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types (offline, missing, bad split)
         raise DataError(f"data_path {name!r} is neither an existing file nor a loadable dataset "
@@ -204,8 +198,6 @@ def build_datasets(records: Sequence[dict[str, str]], tokenizer: Any, template: 
     The split is seeded by ``data_args.val_split_seed`` (not the training seed), so every
     member of an ensemble holds out the same records.
     """
-    import datasets
-
     n_val = data_args.val_set_size
     if n_val >= len(records):
         raise DataError(f"val_set_size={n_val} leaves no training records (the data holds {len(records)})")
@@ -264,8 +256,6 @@ def check_supervised(records: Any, tokenized: Any, tokenizer: Any, template: Pro
 
 def data_collator(tokenizer: Any, pad_to_multiple_of: int | None = 8) -> Any:
     """Pads each batch to its longest example (rounded up), labels with -100."""
-    from transformers import DataCollatorForSeq2Seq
-
     return DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=pad_to_multiple_of or None,
                                   return_tensors="pt", padding=True, label_pad_token_id=IGNORE_INDEX)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from eval_harness.suites import SUITES, Suite
+from .suites import SUITES, Suite
 
 from .synthetic import NAMES, format_record, num_options
 

@@ -28,11 +28,16 @@ import random
 from pathlib import Path
 from typing import Any, Callable
 
-from eval_harness.suites import SUITE_ORDER, SUITES, Suite
+from .suites import SUITE_ORDER, SUITES, Suite
 
 from ..outputs import atomic_output_dir
 
 TRAIN_FILE = "commonsense_train.json"
+# ``data_path`` value that means "write the synthetic commonsense suites" (see poc_lora.data.instructions).
+SYNTHETIC_DATA = "synthetic"
+# ... or the natural-language synthetic suites for real models (poc_lora.data.reasoning).
+SYNTHETIC_REASONING_DATA = "synthetic-reasoning"
+SYNTHETIC_KINDS = (SYNTHETIC_DATA, SYNTHETIC_REASONING_DATA)
 
 # Cue words per answer position (index 0 -> first label). Disjoint from every other word list.
 CUES: tuple[tuple[str, ...], ...] = (

@@ -26,14 +26,14 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from ..config import read_yaml
 from ..errors import ConfigError, OutputError
 from ..outputs import atomic_write_text, check_output_path, write_json
 from ..report import csv_table, markdown_table, plot_heatmap, plot_lines
+from ..runtime import derive_seed
 from .config import resolve_settings
 from .data import Split, make_task_data
-from ..runtime import derive_seed
-from .mfld import (Cell, GridResult, GridSettings, MFLDSettings, grid_workers, train_cells,
-                   train_lambda_grid)
+from .mfld import Cell, GridResult, GridSettings, MFLDSettings, grid_workers, train_cells, train_lambda_grid
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,6 @@ def _finish(
 # --------------------------------------------------------------------------- figure 1
 def _figure1_task(task: str | None, config: ConfigArg) -> str:
     """The task: the argument, else the config's ``task``, else classification."""
-    from ..config import read_yaml
-
     in_config = None
     if isinstance(config, Mapping):
         in_config = config.get("task")
