@@ -7,20 +7,18 @@ in plain English, in the eight LLM-Adapters formats (same lead sentence, ``Answe
 :func:`poc_lora.data.synthetic.format_record`), whose answer needs no world knowledge, only
 counting, comparing, ordering, negation or small arithmetic on what the question says:
 
-    boolq          true/false claims: comparisons (a quarter negated), small sums
-    piqa           which of two plans reaches a goal (how many more to get, sorting three numbers)
-    winogrande     fill the blank with the person a comparison points to
-    social_i_qa    one-step arithmetic (gave away, received)
+    boolq          true/false claims: comparisons, sums, negated comparisons, counts
+    piqa           which of two plans reaches a goal (how many more to get, sorted lists)
+    winogrande     fill the blank with the person a comparison points to (also negated)
+    social_i_qa    one-step arithmetic (gave away, received, shared)
     openbookqa     counting items of one kind in a list
-    ARC-Challenge  multiplication in words (bags of items)
-    ARC-Easy       ordering from two comparisons (who is the tallest / the shortest)
+    ARC-Challenge  two-step arithmetic (packs of items, then some removed)
+    ARC-Easy       ordering from a chain of comparisons (who is the tallest / the shortest)
     hellaswag      continuing a counting sequence
 
 Answer positions are balanced and the distractors are plausible (off-by-one, the wrong
 operation, the other person), so a model that ignores the question sits at chance level
-(1 / number of options) and a small model cannot reach 100% by format alone. Numbers stay
-below 10 and each suite has one or two question kinds: the recipe's short CPU fine-tune (a few
-hundred examples) must be able to learn them (configs/train/smollm2_cpu.yaml).
+(1 / number of options) and a small model cannot reach 100% by format alone.
 
 Example:
     >>> from eval_harness.suites import SUITES
@@ -66,30 +64,42 @@ def _distinct(correct: int, candidates: list[int], k: int, rng: random.Random) -
 def _boolq(rng: random.Random, truth: bool) -> str:
     a, b = _names(rng, 2)
     item = rng.choice(ITEMS)
-    if rng.random() < 0.5:  # comparison, sometimes negated
-        x, y = rng.sample(range(1, 10), 2)
-        neg = rng.random() < 0.25
-        more = ((x > y) == truth) != neg
-        return (f"{a} has {x} {item} and {b} has {y} {item}. does {a} {'not ' if neg else ''}have "
-                f"{'more' if more else 'fewer'} {item} than {b}?")
-    x, y = rng.randint(1, 5), rng.randint(1, 5)  # small sum
-    z = x + y if truth else x + y + rng.choice([-1, 1])
-    return f"{a} had {x} {item} and found {y} more. does {a} now have {z} {item}?"
+    kind = rng.randrange(4)
+    if kind == 0:  # comparison
+        x, y = rng.sample(range(1, 16), 2)
+        more = (x > y) == truth
+        return f"{a} has {x} {item} and {b} has {y} {item}. does {a} have {'more' if more else 'fewer'} {item} than {b}?"
+    if kind == 1:  # sum
+        x, y = rng.randint(2, 12), rng.randint(2, 12)
+        z = x + y if truth else x + y + rng.choice([-2, -1, 1, 2])
+        return f"{a} had {x} {item} and found {y} more. does {a} now have {z} {item}?"
+    if kind == 2:  # negated comparison
+        x, y = rng.sample(range(1, 16), 2)
+        fewer = (y < x) != truth  # "is it not true that b has fewer": true when b does not have fewer
+        return (f"{a} has {x} {item} and {b} has {y} {item}. is it not true that {b} has "
+                f"{'fewer' if fewer else 'more'} {item} than {a}?")
+    # count of a kind in a list
+    colors = [rng.choice(COLORS) for _ in range(rng.randint(3, 6))]
+    color = rng.choice(colors)
+    n = colors.count(color)
+    k = n if truth else n + rng.choice([-1, 1])
+    listed = ", ".join(f"a {c} ball" for c in colors)
+    return f"{a} has {listed}. does {a} have exactly {k} {color} {'ball' if k == 1 else 'balls'}?"
 
 
 def _piqa(rng: random.Random) -> Problem:
     a = _names(rng, 1)[0]
     item = rng.choice(ITEMS)
     if rng.random() < 0.5:
-        have, want = sorted(rng.sample(range(1, 10), 2))
+        have, want = sorted(rng.sample(range(2, 20), 2))
         d = want - have
-        wrong = rng.choice([want, have + want])
+        wrong = d + rng.choice([-2, -1, 1, 2]) if d > 2 else d + rng.choice([1, 2])
         return (f"{a} has {have} {item} and needs exactly {want}. how can {a} get exactly {want} {item}?",
                 f"get {d} more {item}", [f"get {wrong} more {item}"])
-    values = rng.sample(range(1, 10), 3)
+    values = rng.sample(range(1, 30), 4)
     ordered = sorted(values)
     wrong = list(ordered)
-    i = rng.randrange(2)
+    i = rng.randrange(3)
     wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
     return (f"{a} wants to write the numbers {', '.join(map(str, values))} from smallest to largest. what should {a} write?",
             ", ".join(map(str, ordered)), [", ".join(map(str, wrong))])
@@ -99,68 +109,70 @@ def _winogrande(rng: random.Random) -> Problem:
     a, b = _names(rng, 2)
     if rng.random() < 0.5:
         item = rng.choice(ITEMS)
-        x, y = rng.sample(range(1, 10), 2)
+        x, y = rng.sample(range(1, 16), 2)
         word = rng.choice(["more", "fewer"])
         first = (x > y) == (word == "more")
         body = f"{a} has {x} {item} and {b} has {y} {item}, so _ has {word} {item}."
     else:
         more, less, _, _ = rng.choice(TRAITS)
+        neg = rng.random() < 0.5
         word = rng.choice([more, less])
-        first = word == more
-        body = f"{a} is {more} than {b}, so _ is the {word} one."
+        first = (word == more) != neg
+        body = f"{a} is {more} than {b}, so _ is {'not ' if neg else ''}the {word} one."
     return body, (a if first else b), [b if first else a]
 
 
 def _social_i_qa(rng: random.Random) -> Problem:
     a, b = _names(rng, 2)
     item = rng.choice(ITEMS)
-    x, y = rng.randint(4, 9), rng.randint(1, 3)
+    x, y = rng.randint(5, 15), rng.randint(1, 4)
     if rng.random() < 0.5:
         body = f"{a} had {x} {item} and gave {y} of them to {b}. how many {item} does {a} have now?"
-        correct, cands = x - y, [x + y, x]
+        correct, cands = x - y, [x + y, y, x]
     else:
         body = f"{a} had {x} {item} and {b} gave {a} {y} more. how many {item} does {a} have now?"
-        correct, cands = x + y, [x - y, x]
+        correct, cands = x + y, [x - y, x, y]
     return body, str(correct), [str(v) for v in _distinct(correct, cands, 2, rng)]
 
 
 def _openbookqa(rng: random.Random) -> Problem:
     a = _names(rng, 1)[0]
-    colors = [rng.choice(COLORS) for _ in range(rng.randint(3, 5))]
+    colors = [rng.choice(COLORS) for _ in range(rng.randint(4, 7))]
     color = rng.choice(colors)
     n = colors.count(color)
     listed = ", ".join(f"a {c} cup" for c in colors)
     body = f"on {a}'s table there are {listed}. how many {color} cups are on the table?"
-    return body, str(n), [str(v) for v in _distinct(n, [len(colors), n + 1, n - 1, n + 2], 3, rng)]
+    return body, str(n), [str(v) for v in _distinct(n, [n + 1, n - 1, len(colors), n + 2], 3, rng)]
 
 
 def _arc_challenge(rng: random.Random) -> Problem:
     a = _names(rng, 1)[0]
     item = rng.choice(ITEMS)
-    k, m = rng.randint(2, 4), rng.randint(2, 5)
-    body = f"{a} buys {k} bags with {m} {item} in each bag. how many {item} does {a} have in all?"
-    correct = k * m
-    return body, str(correct), [str(v) for v in _distinct(correct, [k + m, (k + 1) * m, (k - 1) * m, m], 3, rng)]
+    k, m = rng.randint(2, 5), rng.randint(2, 6)
+    g = rng.randint(1, k * m - 1)
+    body = f"{a} buys {k} bags with {m} {item} in each bag and then gives away {g} {item}. how many {item} are left?"
+    correct = k * m - g
+    return body, str(correct), [str(v) for v in _distinct(correct, [k * m, k * m + g, k + m - g, correct + 1], 3, rng)]
 
 
 def _arc_easy(rng: random.Random) -> Problem:
-    people = _names(rng, 4)  # the first three ordered from most to least; the fourth is not in the question
+    people = _names(rng, 4)  # ordered from most to least
     more, _, most, least = rng.choice(TRAITS)
-    pairs = [f"{people[i]} is {more} than {people[i + 1]}." for i in range(2)]
+    pairs = [f"{people[i]} is {more} than {people[i + 1]}." for i in range(3)]
     rng.shuffle(pairs)
     top = rng.random() < 0.5
     body = f"{' '.join(pairs)} who is the {most if top else least}?"
-    correct = people[0] if top else people[2]
+    correct = people[0] if top else people[-1]
     return body, correct, [p for p in people if p != correct]
 
 
 def _hellaswag(rng: random.Random) -> Problem:
     a = _names(rng, 1)[0]
-    start, step = rng.randint(1, 10), rng.randint(2, 4)
+    start, step = rng.randint(1, 20), rng.randint(2, 5)
     seq = [start + i * step for i in range(4)]
     correct = start + 4 * step
     body = f"{a} counts {', '.join(map(str, seq))} and then says"
-    cands = [seq[-1] + 1, correct + step, seq[-1], correct - 1]
+    cands = [correct - 1, correct + 1, seq[-1] + 1, correct + step]
     return body, str(correct), [str(v) for v in _distinct(correct, cands, 3, rng)]
 
 
