@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from poc_lora.config import EvalArguments
 from poc_lora.errors import AdapterError, ConfigError, OutputError
 from poc_lora.outputs import atomic_write_text, write_json
 
@@ -50,6 +51,8 @@ from .suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
 logger = logging.getLogger(__name__)
 
 MODES = ("generate", "rank")
+# The one source of the evaluation defaults (the eval section of the configuration tree).
+DEFAULTS = EvalArguments()
 # Used when an adapter records no template and none is given: the reference scorer's exact
 # strings, which is what adapters trained with the reference implementation (the paper's) expect.
 DEFAULT_TEMPLATE = "llm-adapters"
@@ -306,12 +309,12 @@ def evaluate(
     *,
     data_dir: str | Path,
     output: str | Path,
-    tasks: str | Sequence[str] = "all",
-    mode: str = "generate",
-    limit: int | None = None,
-    batch_size: int = 8,
-    num_beams: int = 4,
-    max_new_tokens: int = 32,
+    tasks: str | Sequence[str] = DEFAULTS.tasks,
+    mode: str = DEFAULTS.mode,
+    limit: int | None = DEFAULTS.limit,
+    batch_size: int = DEFAULTS.batch_size,
+    num_beams: int = DEFAULTS.num_beams,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
     template: str | None = None,
     include_base: bool | None = None,
     dtype: str = "auto",

@@ -285,6 +285,8 @@ class KeyParser:
                 action.option_strings, action.dest = options, dest
                 if action.metavar is None and action.nargs != 0:
                     action.metavar = key.upper()
+                if action.nargs == "+" and action.type is not None:
+                    action.type = _CommaList(action.type)
                 group._add_action(action)
                 self.dests[dest] = (name, key)
 
@@ -327,12 +329,14 @@ class KeyParser:
         """Parse ``argv`` over ``defaults`` (``{dest: value}``; strings are converted by the
         keys' types). Returns the namespace (the command's own options) and, per section, the
         keys given in ``defaults`` or ``argv`` (the others keep their dataclass defaults)."""
-        for action in self.parser._actions:
-            if action.dest in self.dests:
-                action.default = argparse.SUPPRESS
+        # Keys start as _UNSET (or their value in ``defaults``) so that the keys given can be told
+        # from the dataclass defaults, while --help still shows those defaults.
+        start = argparse.Namespace(**{dest: _UNSET for dest in self.dests})
         if defaults:
-            self.parser.set_defaults(**defaults)
-        ns, rest = self.parser.parse_known_args(normalize_argv(argv, self.parser))
+            self.parser.set_defaults(**defaults)  # a str default is converted by the key's type
+            for dest, value in defaults.items():
+                setattr(start, dest, value)
+        ns, rest = self.parser.parse_known_args(normalize_argv(argv, self.parser), start)
         if rest:
             unknown = next((t for t in rest if t.startswith("-")), rest[0])
             key = unknown.lstrip("-").split("=", 1)[0]
@@ -343,10 +347,35 @@ class KeyParser:
                               else f"unrecognized arguments: {' '.join(rest)}")
         values: dict[str, dict[str, Any]] = {name: {} for name, _, _ in self.sections}
         for dest, (section, key) in self.dests.items():
-            if hasattr(ns, dest):
-                values[section][key] = getattr(ns, dest)
-                delattr(ns, dest)
+            value = getattr(ns, dest)
+            delattr(ns, dest)
+            if value is not _UNSET:
+                values[section][key] = _flatten_lists(value)
         return ns, values
+
+
+_UNSET = object()
+
+
+def _flatten_lists(value: Any) -> Any:
+    """A list key's value with its comma-separated items split (``--weights 0.5,0.5``)."""
+    if isinstance(value, list):
+        out: list[Any] = []
+        for item in value:
+            out += _flatten_lists(item) if isinstance(item, list) else [item]
+        return out
+    return value
+
+
+class _CommaList:
+    """The type of a list key's items: splits ``a,b`` (so lists are space- or comma-separated)."""
+
+    def __init__(self, item_type: Any) -> None:
+        self.item_type = item_type
+        self.__name__ = getattr(item_type, "__name__", "value")
+
+    def __call__(self, text: str) -> list[Any]:
+        return [self.item_type(t.strip()) for t in str(text).split(",") if t.strip()]
 
 
 def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
