@@ -1,10 +1,12 @@
 """Settings of the mean-field experiments and YAML loading: the paper's values
 (Nitanda et al., ICML 2025, arXiv:2502.05784, §5.1 and Appendix B) where it gives them.
 
-The paper's settings live here as plain dicts, so the experiments run without any file;
-``configs/mfnn/*.yaml`` hold the same values as editable templates (a test keeps the two
-equal). A YAML file or a dict overrides any key; the ``quick:`` section lists the overrides
-applied by ``--quick``. Unknown keys raise :class:`~poc_lora.errors.ConfigError`.
+The paper's settings live here, and only here, as plain dicts (:data:`PAPER_SETTINGS`), so the
+experiments run without any file; ``configs/mfnn/*.yaml`` are override files that set only what
+differs (``poc-lora mfnn EXPERIMENT --help`` lists every key with its paper value, from
+:data:`KEY_HELP`). A YAML file, a dict or ``--key value`` overrides any key (nested:
+``--data.n 300``); the ``quick:`` section lists the overrides applied by ``--quick``. Unknown keys
+raise :class:`~poc_lora.errors.ConfigError`.
 
 Example:
     >>> from poc_lora.mfnn.config import resolve_settings
@@ -164,6 +166,34 @@ def resolve_settings(
 
 
 # ------------------------------------------------------------------ command-line keys
+# What each key means (the --help text and docs/config.md).
+KEY_HELP = {
+    "loss": "logistic (classification); squared: (f - y)^2 / 2; squared_unhalved: (f - y)^2",
+    "R": "h(x, z) = R tanh(x3) tanh(x1.z + x2)",
+    "eta": "step size",
+    "lam": "temperature lambda (noise sqrt(2 lambda eta))",
+    "lams": "the temperatures lambda of the grid",
+    "weight_decay": "lambda' (L2 coefficient)",
+    "epochs": "epochs (figure1: full-batch steps)",
+    "wide_width": "N_inf, the stand-in for the mean-field limit",
+    "widths": "network widths N",
+    "num_networks": "networks trained per width (M_max)",
+    "num_draws": "random draws of M networks per (N, M)",
+    "num_seeds": "seeds seed, ..., seed + num_seeds - 1 (each a new data draw, initialisation and noise)",
+    "batch_size": "samples per MFLD step (an epoch is one pass); null: one full-batch step per epoch",
+    "init_std": "particles start from N(0, init_std^2 I)",
+    "order": "data order per epoch: shared by the networks of a seed, or per_network",
+    "workers": "CPU threads (null: the CPUs available)",
+    "device": "torch device",
+    "data.n": "number of points (train + test)",
+    "data.noise": "label noise of the double circle",
+    "data.radii": "radii of the two circles (labels -1, +1)",
+    "data.test_fraction": "held-out fraction",
+    "data.d": "input dimension (inputs uniform in the radius ball of R^d)",
+    "data.k": "y = (rbar/k) sum_{j<=k} tanh(z_j)",
+    "data.rbar": "target scale rbar",
+    "data.radius": "radius of the input ball",
+}
 # `poc-lora mfnn EXPERIMENT` -> the PAPER_SETTINGS entries whose keys it takes (figure1: both tasks).
 EXPERIMENT_SETTINGS = {"figure1": ("figure1_classification", "figure1_regression"),
                        "figure2": ("figure2",), "table2": ("lambda_grid",)}
@@ -220,7 +250,8 @@ class MfnnKeys:
         for key, (default, note) in experiment_keys(experiment).items():
             dest = f"mfnn.{key}"
             group.add_argument(f"--{key}", f"--mfnn.{key}", dest=dest, type=_value, default=argparse.SUPPRESS,
-                               metavar="VALUE", help=f"paper: {default!r}{' (' + note + ')' if note else ''}")
+                               metavar="VALUE",
+                               help=f"{KEY_HELP.get(key, key)}; paper: {default!r}{' (' + note + ')' if note else ''}")
             self.dests.append(dest)
 
     def split(self, args: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
