@@ -312,11 +312,55 @@ def parse_command(name: str, argv: Sequence[str]) -> tuple[argparse.Namespace, d
         args = parser.parse_args(argv)
         sub = keys[args.experiment]  # type: ignore[index]
         return sub.split(args)
+    if name == "pipeline":
+        from .pipeline import check_overrides
+
+        check_overrides(argv)
     if keys is None:
         from .config import normalize_argv
 
         return parser.parse_args(normalize_argv(argv, parser)), {}
     return keys.parse(argv)  # type: ignore[attr-defined]
+
+
+def config_reference_markdown() -> str:
+    """The config-key reference as Markdown (for the generated docs/config.md): per section of the
+    configuration tree, a table of key, type, default and help, from the dataclasses (training:
+    ``TrainingArguments``' own fields and help) and the mfnn paper settings. Imports transformers.
+
+    Example:
+        >>> "| `lora_r` |" in config_reference_markdown()  # doctest: +SKIP
+        True
+    """
+    import typing
+
+    from .config import GRAMMAR, SECTIONS, section_class
+    from .mfnn.config import EXPERIMENT_SETTINGS, KEY_HELP, experiment_keys
+
+    def cell(text: object) -> str:
+        return " ".join(str(text).replace("|", "\\|").split())
+
+    out = ["# Configuration keys", "", GRAMMAR, ""]
+    for name in SECTIONS:
+        cls = section_class(name)
+        hints = typing.get_type_hints(cls)
+        out += [f"## `{name}`", "", cell((cls.__doc__ or "").strip().splitlines()[0]), "",
+                "| key | type | default | help |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            kind = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name, "")).replace("typing.", "")
+            out.append(f"| `{f.name}` | {cell(kind)} | `{cell(repr(default))}` | {cell(f.metadata.get('help', ''))} |")
+        out.append("")
+    out += ["## `mfnn`", "", "The paper's settings (poc_lora.mfnn.config.PAPER_SETTINGS), per experiment.", ""]
+    for experiment in EXPERIMENT_SETTINGS:
+        out += [f"### `poc-lora mfnn {experiment}`", "", "| key | type | default | help |", "|---|---|---|---|"]
+        for key, (default, note) in experiment_keys(experiment).items():
+            text = KEY_HELP.get(key, "") + (f" ({note})" if note else "")
+            out.append(f"| `{key}` | {type(default).__name__} | `{cell(repr(default))}` | {cell(text)} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:

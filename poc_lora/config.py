@@ -258,8 +258,9 @@ class KeyParser:
     """
 
     def __init__(self, parser: argparse.ArgumentParser,
-                 sections: Sequence[tuple[str, type, Any]]) -> None:
+                 sections: Sequence[tuple[str, type, Any]], legacy: Mapping[str, str] | None = None) -> None:
         self.parser = parser
+        self.legacy = dict(legacy or {})  # old key -> its key now (accepted with a warning)
         self.sections = [(name, cls, None if only is None else set(only)) for name, cls, only in sections]
         self.dests: dict[str, tuple[str, str]] = {}  # argparse dest -> (section, key)
         self.names: dict[str, list[str]] = {}  # key -> the sections that have it
@@ -336,7 +337,7 @@ class KeyParser:
             self.parser.set_defaults(**defaults)  # a str default is converted by the key's type
             for dest, value in defaults.items():
                 setattr(start, dest, value)
-        ns, rest = self.parser.parse_known_args(normalize_argv(argv, self.parser), start)
+        ns, rest = self.parser.parse_known_args(normalize_argv(argv, self.parser, self.legacy), start)
         if rest:
             unknown = next((t for t in rest if t.startswith("-")), rest[0])
             key = unknown.lstrip("-").split("=", 1)[0]
@@ -378,15 +379,21 @@ class _CommaList:
         return [self.item_type(t.strip()) for t in str(text).split(",") if t.strip()]
 
 
-def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser,
+                   legacy: Mapping[str, str] | None = None) -> list[str]:
     """``argv`` with old dashed spellings (``--base-model``) turned into the one spelling
-    (``--base_model``), each with a deprecation warning; unknown options are left to the parser."""
+    (``--base_model``) and old key names (``legacy``: ``{"eval_limit": "eval.limit"}``) into
+    their key now, each with a deprecation warning; unknown options are left to the parser."""
     import logging
 
     known = parser._option_string_actions
     out = []
     for tok in argv:
         opt, eq, value = tok.partition("=")
+        if opt.startswith("--") and opt[2:] in (legacy or {}):
+            new = "--" + legacy[opt[2:]]  # type: ignore[index]
+            logging.getLogger("poc_lora.config").warning("%s is deprecated: the key is now %s", opt, new)
+            opt = tok = new + eq + value
         if opt.startswith("--") and opt not in known and _dashed(opt):
             new = "--" + opt[2:].replace("-", "_")
             if new in known:

@@ -66,6 +66,13 @@ LEGACY_KEYS = {
 }
 
 
+def check_overrides(argv: Sequence[str]) -> None:
+    """Refuse ``--train_overrides`` (earlier releases) with what to write instead."""
+    if any(t.split("=", 1)[0] == "--train_overrides" for t in argv):
+        raise ConfigError("--train_overrides is gone: give the training keys directly, "
+                          "e.g. --max_steps 12 --save_steps 6 (or --training.max_steps 12)")
+
+
 def pipeline_key_parser(parser: argparse.ArgumentParser | None = None) -> Any:
     """The keys of ``poc-lora pipeline`` (pipeline, merge, eval, then the training sections) on
     ``parser`` (default: one whose errors are ConfigErrors)."""
@@ -74,7 +81,8 @@ def pipeline_key_parser(parser: argparse.ArgumentParser | None = None) -> Any:
     parser = parser if parser is not None else _RaisingParser(prog="poc-lora pipeline", add_help=False,
                                                               allow_abbrev=False)
     sections = [(name, section_class(name), only) for name, only in PIPELINE_SECTIONS]
-    return KeyParser(parser, sections + [(name, section_class(name), None) for name in TRAIN_SECTIONS])
+    return KeyParser(parser, sections + [(name, section_class(name), None) for name in TRAIN_SECTIONS],
+                     legacy=LEGACY_KEYS)
 
 
 def _migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -132,15 +140,9 @@ class PipelineConfig:
         keys = pipeline_key_parser()
         flat = keys.flatten(_migrate(read_yaml(path), str(path)), str(path))
         flat.update(keys.flatten(_migrate(dict(updates or {}), "the pipeline updates"), "the pipeline updates"))
-        if "--train_overrides" in overrides:
-            raise ConfigError("--train_overrides is gone: give the training keys directly, "
-                              "e.g. --max_steps 12 --save_steps 6")
-        legacy = {f"--{k}": f"--{v}" for k, v in LEGACY_KEYS.items()}
-        for tok in overrides:
-            if tok in legacy:
-                logger.warning("%s is deprecated: write %s", tok, legacy[tok])
+        check_overrides(overrides)
         try:
-            _, sections = keys.parse([legacy.get(t, t) for t in overrides], flat)
+            _, sections = keys.parse(list(overrides), flat)
             groups = {name: section_class(name)(**sections[name]) for name, _ in PIPELINE_SECTIONS}
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
@@ -161,7 +163,8 @@ class PipelineConfig:
         """Raise :class:`ConfigError` for a merge method the pipeline does not know."""
         bad = [m for m in self.merge.methods if m not in MERGE_LABELS]
         if bad or not self.merge.methods:
-            raise ConfigError(f"merge.methods: unknown method {bad[:1]}; valid: {', '.join(MERGE_LABELS)}")
+            raise ConfigError(f"merge.methods (earlier: merge_methods): unknown method {bad[:1]}; "
+                              f"valid: {', '.join(MERGE_LABELS)}")
 
     def train_config(self, output_dir: str | os.PathLike) -> Any:
         """The :class:`~poc_lora.config.TrainConfig` of the ensemble: ``pipeline.train_config``

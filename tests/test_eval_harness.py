@@ -408,9 +408,11 @@ def test_adapter_that_does_not_fit_the_base(env):
 
 def test_eval_cli_takes_brace_expanded_and_repeated_adapters():
     """README: `--adapter runs/x/adapter_{0..2}` expands to one flag with several directories."""
-    from poc_lora.cli import build_parser
+    from poc_lora.cli import parse_command
 
-    argv = ["eval", "--base-model", "b", "--data-dir", "d", "--output", "o",
-            "--adapter", "a_0", "a_1", "a_2", "--merged-adapter", "m", "--adapter", "a_3"]
-    args = build_parser().parse_args(argv)
-    assert args.adapter == ["a_0", "a_1", "a_2", "a_3"] and args.merged_adapter == ["m"]
+    for spelling in ("_", "-"):  # the old dashed spellings still parse (with a deprecation warning)
+        argv = [f"--base{spelling}model", "b", f"--data{spelling}dir", "d", "--output", "o",
+                "--adapter", "a_0", "a_1", "a_2", f"--merged{spelling}adapter", "m", "--adapter", "a_3"]
+        args, sections = parse_command("eval", argv)
+        assert args.adapter == ["a_0", "a_1", "a_2", "a_3"] and args.merged_adapter == ["m"]
+        assert args.base_model == "b" and sections["eval"] == {"data_dir": "d"}

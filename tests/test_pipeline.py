@@ -227,11 +227,11 @@ def test_changed_merge_rank_recomputes_the_svd_merge_and_its_label(demo_run):
 
 
 def test_readme_sequence_more_adapters_then_demo_again_needs_no_flags(demo_run, capsys):
-    """README: `pipeline --num_adapters 8 --eval_limit 50` after the demo, then `demo` again (quick sizes)."""
+    """README: `pipeline --num_adapters 8 --eval.limit 50` after the demo, then `demo` again (quick sizes)."""
     pipe = demo_run / "pipeline"
     cfg = str(DEMO_CONFIG)
     assert main(["pipeline", "--config", cfg, "--output", str(pipe), *QUICK_OVERRIDES,
-                 "--num_adapters", "3", "--eval_limit", "8"]) == 0
+                 "--num_adapters", "3", "--eval.limit", "8"]) == 0
     report = json.loads((pipe / "report.json").read_text())
     assert len(report["adapters"]) == 3 and report["config"]["eval_limit"] == 8
     rows = [json.loads(line) for line in (pipe / "eval" / "poc" / "boolq" / "predictions.jsonl").read_text().splitlines()]
@@ -252,7 +252,7 @@ def test_report_says_what_it_is_draws_chance_and_rounds_like_the_eval_table(demo
     report = json.loads((pipe / "report.json").read_text())
     assert report["what"] == "synthetic suites, tiny model, rank-mode scoring"
     # chance: a uniform guess among the options written in each evaluated question
-    limit = PipelineConfig.from_yaml(DEMO_CONFIG, QUICK_OVERRIDES).eval_limit
+    limit = PipelineConfig.from_yaml(DEMO_CONFIG, QUICK_OVERRIDES).eval.limit
     data_dir = Path(json.loads((pipe / "eval" / "summary.json").read_text())["data_dir"])
     for s in SUITE_ORDER:
         records = json.loads((data_dir / s / "test.json").read_text())[:limit]
