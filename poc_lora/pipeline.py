@@ -85,7 +85,7 @@ def pipeline_key_parser(parser: argparse.ArgumentParser | None = None) -> Any:
                      legacy=LEGACY_KEYS)
 
 
-def _migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
+def _migrate(raw: dict[str, Any], where: str, keys: Any) -> dict[str, Any]:
     """A pipeline mapping in the old flat layout (``eval_mode``, ``train_overrides``, ...) in the
     current one, with a warning naming what to write instead."""
     out: dict[str, Any] = {}
@@ -98,7 +98,11 @@ def _migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
             if value:
                 logger.warning("%s: train_overrides is deprecated: write its keys (%s) at the top level or "
                                "under their section (training: {...})", where, ", ".join(value))
-            out.update(value)
+            from .config import TRAIN_SECTIONS
+
+            for k, v in value.items():  # training keys: a name the pipeline sections share is the training one
+                train = [sec for sec in keys.names.get(str(k), []) if sec in TRAIN_SECTIONS]
+                out[f"{train[0]}.{k}" if len(keys.names.get(str(k), [])) > 1 and train else k] = v
         elif key in LEGACY_KEYS:
             section, name = LEGACY_KEYS[key].split(".")
             logger.warning("%s: key %s is deprecated: write %s.%s (%s: {%s: ...})", where, key, section, name,
@@ -138,8 +142,8 @@ class PipelineConfig:
 
         path = Path(path)
         keys = pipeline_key_parser()
-        flat = keys.flatten(_migrate(read_yaml(path), str(path)), str(path))
-        flat.update(keys.flatten(_migrate(dict(updates or {}), "the pipeline updates"), "the pipeline updates"))
+        flat = keys.flatten(_migrate(read_yaml(path), str(path), keys), str(path))
+        flat.update(keys.flatten(_migrate(dict(updates or {}), "the pipeline updates", keys), "the pipeline updates"))
         check_overrides(overrides)
         try:
             _, sections = keys.parse(list(overrides), flat)
