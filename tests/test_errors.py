@@ -86,7 +86,7 @@ def _suites(root: Path) -> Path:
 
 
 def _eval(data_dir: Path, out: Path, *adapters: Path) -> list[str]:
-    return ["eval", "--base-model", "poc-lora/tiny-llama", "--data-dir", str(data_dir), "--mode", "rank",
+    return ["eval", "--base_model", "poc-lora/tiny-llama", "--data_dir", str(data_dir), "--mode", "rank",
             "--output", str(out), *[a for p in adapters for a in ("--adapter", str(p))]]
 
 

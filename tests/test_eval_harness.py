@@ -341,9 +341,9 @@ def test_resume_skips_finished_pairs(env, ranked, monkeypatch):
 
 def test_generate_mode_through_the_cli(env, capsys):
     out = env["root"] / "out-gen"
-    argv = ["eval", "--base-model", str(env["base"]), "--adapter", str(env["a0"]), "--data-dir", str(env["data"]),
-            "--tasks", "winogrande", "--limit", "3", "--num-beams", "2", "--max-new-tokens", "4",
-            "--batch-size", "2", "--output", str(out)]
+    argv = ["eval", "--base_model", str(env["base"]), "--adapter", str(env["a0"]), "--data_dir", str(env["data"]),
+            "--tasks", "winogrande", "--limit", "3", "--num_beams", "2", "--max_new_tokens", "4",
+            "--batch_size", "2", "--output", str(out)]
     assert cli_main(argv) == 0
     assert "| LoRA | a0 |" in capsys.readouterr().out
     summary = json.loads((out / "a0" / "winogrande" / "summary.json").read_text())
@@ -389,7 +389,7 @@ def test_missing_suite_dir_and_unknown_task(env, capsys):
         evaluate(str(env["base"]), data_dir=env["root"] / "nope", output=out, tasks="piqa", mode="rank")
     with pytest.raises(ConfigError, match="valid tasks: social_i_qa, piqa"):
         evaluate(str(env["base"]), data_dir=env["data"], output=out, tasks="piqa,siqa", mode="rank")
-    assert cli_main(["eval", "--base-model", str(env["base"]), "--data-dir", str(env["data"]),
+    assert cli_main(["eval", "--base_model", str(env["base"]), "--data_dir", str(env["data"]),
                      "--tasks", "bogus", "--output", str(out)]) == 1
     assert "unknown task 'bogus'" in capsys.readouterr().err
     assert not out.exists()
