@@ -24,7 +24,7 @@ recomputes merges, evaluation and report (trained adapters are kept unless their
 Example:
     >>> from poc_lora.pipeline import run_pipeline
     >>> result = run_pipeline("configs/pipeline/tiny_cpu.yaml", output="results/pipeline")  # doctest: +SKIP
-    >>> result["table"][-1]["Method"]  # doctest: +SKIP
+    >>> result.table[-1]["Method"]  # doctest: +SKIP
     'PoC merge'
 """
 
@@ -38,9 +38,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import ConfigError, OutputError
+
+if TYPE_CHECKING:  # the runner imports torch; the pipeline loads it when it evaluates
+    from eval_harness.results import EvalResult
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +195,45 @@ class PipelineConfig:
         }
 
 
+@dataclass
+class PipelineReport:
+    """What :func:`run_pipeline` returns; ``to_dict()`` is ``report.json`` (``from_dict``/``load``
+    read it back, including reports written by earlier releases). Accuracies are in %."""
+
+    config: dict[str, Any]  # PipelineConfig.to_dict()
+    columns: list[str]  # suite columns + the average
+    table: list[dict[str, Any]]  # the paper's rows: Base model, LoRA (best), LoRA (ave.), PoC merge, variants
+    adapters: list[dict[str, Any]]  # one row per adapter
+    merge_spread: dict[str, float | None]  # per merge method, the adapters' mean pairwise relative distance
+    what: str  # what was run, e.g. "synthetic suites, tiny model, rank-mode scoring"
+    chance: dict[str, float]  # uniform guess per column
+    eval_summary: str  # the evaluation's summary.json
+    seconds: dict[str, float]  # wall time per stage
+    files: dict[str, str]  # report_md, report_png, results_csv
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "pipeline report") -> "PipelineReport":
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise OutputError(f"{where}: not a pipeline report (missing {', '.join(missing)})")
+        return cls(**{n: data[n] for n in names})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PipelineReport":
+        """Read a ``report.json``; raises :class:`OutputError` naming the file if it is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"cannot read the pipeline report {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise OutputError(f"{path}: not a pipeline report")
+        return cls.from_dict(data, str(path))
+
+
 def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
     if cfg.eval.data_dir:
         return Path(cfg.eval.data_dir)
@@ -251,13 +293,14 @@ def _label(method: str, merged: Path) -> str:
 
 
 def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merges: dict[str, Path],
-                data_dir: Path, out: Path, overwrite: bool) -> dict[str, Any]:
+                data_dir: Path, out: Path, overwrite: bool) -> EvalResult:
     """Evaluate every model whose weights or evaluation settings changed, then collect all results.
 
     Each model's results under ``out/<model>/`` carry a stage marker (evaluation settings + the
     model's own stage hash); stale models are evaluated again in one call (base loaded once), and
     a second call that finds every pair finished builds the summary and tables.
     """
+    from eval_harness.results import EvalResult
     from eval_harness.runner import evaluate
 
     from .stages import is_current, stage_hash, write_stage
@@ -281,7 +324,7 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
         logger.info("evaluation: all %d models up to date", len(models))
     collected = {**shared, "models": {str(p): stage_hash(out / p.name) for p, _ in models}}
     if not stale and is_current(out, collected) and (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
+        return EvalResult.load(out / "summary.json")
     # The base model (when asked for) is evaluated here, once: its results are keyed by the
     # evaluation settings alone, so the runner's own per-pair check decides whether it is current.
     result = evaluate(base_model, adapters, list(merges.values()), include_base=cfg.eval.include_base or None,
@@ -309,7 +352,7 @@ def _spread_line(spreads: dict[str, Any]) -> str:
     return line
 
 
-def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any]) -> str:
+def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: EvalResult) -> str:
     """What the report's numbers are, from the settings actually used, e.g. "synthetic suites,
     tiny model, rank-mode scoring" (the demo) or "data data/dataset, model meta-llama/...,
     generate-mode scoring"."""
@@ -318,11 +361,11 @@ def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any]) ->
 
     train_cfg = cfg.train_config(out / "adapters")
     synthetic = train_cfg.data.data_path == SYNTHETIC_DATA and not cfg.eval.data_dir
-    model = evaluation["base_model"]
+    model = evaluation.base_model
     return ", ".join([
-        "synthetic suites" if synthetic else f"data {evaluation['data_dir']}",
+        "synthetic suites" if synthetic else f"data {evaluation.data_dir}",
         "tiny model" if model == TINY_MODEL_ID else f"model {model}",
-        f"{evaluation['mode']}-mode scoring",
+        f"{evaluation.mode}-mode scoring",
     ])
 
 
@@ -339,26 +382,26 @@ def _chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: in
     return chance
 
 
-def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: dict[str, Path],
-            adapters: list[Path], timing: dict[str, float]) -> dict[str, Any]:
+def _report(cfg: PipelineConfig, out: Path, evaluation: EvalResult, merges: dict[str, Path],
+            adapters: list[Path], timing: dict[str, float]) -> "PipelineReport":
     """report.md / report.json / report.png from the evaluation's per-model accuracies."""
     from eval_harness.suites import AVERAGE_COLUMN, SUITES
 
     from .outputs import atomic_write_text, write_json
     from .report import accuracy_percentages, comparison_rows, markdown_table, plot_grouped_bars
 
-    suites = evaluation["tasks"]
+    suites = evaluation.tasks
     columns = [SUITES[s].column for s in suites] + [AVERAGE_COLUMN]
-    by_path = {Path(m["adapter"]).resolve(): key for key, m in evaluation["models"].items() if m["adapter"]}
-    acc = {key: accuracy_percentages({SUITES[s].column: m["suites"][s]["accuracy"] for s in suites}, m["average"],
+    by_path = {Path(m.adapter).resolve(): key for key, m in evaluation.models.items() if m.adapter}
+    acc = {key: accuracy_percentages({SUITES[s].column: m.suites[s].accuracy for s in suites}, m.average,
                                      AVERAGE_COLUMN)
-           for key, m in evaluation["models"].items()}
+           for key, m in evaluation.models.items()}
     what = _what_was_run(cfg, out, evaluation)
-    chance = _chance_levels(evaluation["data_dir"], suites, cfg.eval.limit)
+    chance = _chance_levels(evaluation.data_dir, suites, cfg.eval.limit)
     chance_row = {**{SUITES[s].column: chance[s] for s in suites}, AVERAGE_COLUMN: sum(chance.values()) / len(suites)}
     merge_keys = {by_path[p.resolve()]: _label(meth, p) for meth, p in merges.items()}
     singles = {by_path[a.resolve()] for a in adapters}
-    base = [k for k, m in evaluation["models"].items() if m["kind"] == "base"]
+    base = [k for k, m in evaluation.models.items() if m.kind == "base"]
     base_rows = [{"Method": "Base model", **acc[k], "Model": k} for k in base]
     acc = {k: v for k, v in acc.items() if k in singles or k in merge_keys}
     rows = base_rows + comparison_rows(acc, columns, merge_keys, AVERAGE_COLUMN)
@@ -372,7 +415,7 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: 
         f"# poc-lora pipeline report: {what}",
         "",
         f"{len(adapters)} adapters (seeds seed+j), merged with {', '.join(cfg.merge.methods)}; "
-        f"evaluation mode `{evaluation['mode']}` on {len(suites)} suites "
+        f"evaluation mode `{evaluation.mode}` on {len(suites)} suites "
         f"({'first ' + str(cfg.eval.limit) if cfg.eval.limit else 'all'} examples each). Accuracy in %; "
         f"chance is a uniform guess among each question's options.",
         "",
@@ -392,20 +435,20 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: 
     png = plot_grouped_bars(columns, series, out / "report.png", ylabel="accuracy (%)",
                             title=f"Single adapters vs. their merge ({what})",
                             reference=[chance_row[c] for c in columns], reference_label="chance")
-    report = {
-        "config": cfg.to_dict(),
-        "columns": columns,
-        "table": rows,
-        "adapters": per_adapter,
-        "merge_spread": spreads,
-        "what": what,
-        "chance": chance_row,
-        "eval_summary": evaluation["files"]["summary"],
-        "seconds": timing,
-        "files": {"report_md": str(out / "report.md"), "report_png": str(png),
-                  "results_csv": evaluation["files"]["results_csv"]},
-    }
-    write_json(out / "report.json", report)
+    report = PipelineReport(
+        config=cfg.to_dict(),
+        columns=columns,
+        table=rows,
+        adapters=per_adapter,
+        merge_spread=spreads,
+        what=what,
+        chance=chance_row,
+        eval_summary=evaluation.files["summary"],
+        seconds=timing,
+        files={"report_md": str(out / "report.md"), "report_png": str(png),
+               "results_csv": evaluation.files["results_csv"]},
+    )
+    write_json(out / "report.json", report.to_dict())
     return report
 
 
@@ -414,8 +457,9 @@ def run_pipeline(
     output: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train -> merge -> evaluate -> report, resumably. Returns the report dict (``report.json``).
+) -> PipelineReport | None:
+    """Train -> merge -> evaluate -> report, resumably. Returns the :class:`PipelineReport`
+    (``report.json``; None on the ranks other than 0 of a parallel run).
 
     ``overrides`` are ``--key value`` pairs of ``poc-lora pipeline``'s keys. Each stage is
     skipped when its settings are unchanged and recomputed (with what depends on it) when they
@@ -443,7 +487,7 @@ def run_pipeline(
     logger.info("stage 1/4: training %d adapters into %s", cfg.pipeline.num_adapters, out / "adapters")
     ens = train_ensemble(train_cfg, cfg.pipeline.num_adapters, strategy=cfg.pipeline.strategy, retrain_stale=True)
     if rank != 0:  # the other ranks have trained their adapters; rank 0 merges and evaluates
-        return {}
+        return None
     timing["training"] = time.perf_counter() - t
     adapters = [Path(p) for p in ens.adapters]
 
@@ -464,23 +508,23 @@ def run_pipeline(
     report_settings["config"].pop("output_dir")
     if is_current(out, report_settings) and (out / "report.json").is_file() and not overwrite:
         logger.info("stage 4/4: report up to date (%s)", out / "report.md")
-        return json.loads((out / "report.json").read_text())
+        return PipelineReport.load(out / "report.json")
     logger.info("stage 4/4: writing the report")
     report = _report(cfg, out, evaluation, merges, adapters, timing)
     from eval_harness.suites import SUITES
 
     from .cards import add_evaluation_cards
 
-    add_evaluation_cards(evaluation, report["columns"], report["table"], {s: SUITES[s].column for s in SUITES})
+    add_evaluation_cards(evaluation, report.columns, report.table, {s: SUITES[s].column for s in SUITES})
     write_stage(out, "report", report_settings)
     return report
 
 
-def _print_report(report: dict[str, Any], title: str) -> None:
+def _print_report(report: PipelineReport, title: str) -> None:
     from .report import markdown_table
 
     print(f"\n## {title}\n")
-    print(markdown_table(["Method", *report["columns"]], report["table"]))
+    print(markdown_table(["Method", *report.columns], report.table))
 
 
 def main_pipeline(config: str | os.PathLike | PipelineConfig, output: str | None, overrides: Sequence[str] = (),
@@ -489,7 +533,7 @@ def main_pipeline(config: str | os.PathLike | PipelineConfig, output: str | None
     report = run_pipeline(config, output, overrides, overwrite=overwrite)
     if report:
         _print_report(report, "Pipeline report")
-        print(f"\nreport: {report['files']['report_md']}  plot: {report['files']['report_png']}")
+        print(f"\nreport: {report.files['report_md']}  plot: {report.files['report_png']}")
     return 0
 
 
@@ -543,7 +587,7 @@ def main_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, model=model)
     if result["figure1"] is None:
         _print_report(result["pipeline"], f"{model} pipeline: single adapters vs. their PoC merge (accuracy %)")
-        print(f"\nreport: {result['pipeline']['files']['report_md']}")
+        print(f"\nreport: {result['pipeline'].files['report_md']}")
         print(f"time: pipeline {result['seconds']['pipeline']:.0f} s")
         return 0
     _print_report(result["pipeline"], "Tiny pipeline: single adapters vs. their PoC merge (accuracy %)")
@@ -551,11 +595,11 @@ def main_demo(args: argparse.Namespace) -> int:
     md = next(Path(p) for p in fig["files"].values() if str(p).endswith(".md"))
     print("\n" + md.read_text().replace("# Figure 1", "## MFNN Figure 1", 1))
     print("\nfiles:")
-    for name, path in {**result["pipeline"]["files"], **fig.get("files", {})}.items():
+    for name, path in {**result["pipeline"].files, **fig.get("files", {})}.items():
         print(f"  {name}: {path}")
     secs = result["seconds"]
     print(f"\ntime: pipeline {secs['pipeline']:.0f} s, MFNN Figure 1 {secs['mfnn_figure1']:.0f} s")
     return 0
 
 
-__all__ = ["PipelineConfig", "main_demo", "main_pipeline", "run_demo", "run_pipeline"]
+__all__ = ["PipelineConfig", "PipelineReport", "main_demo", "main_pipeline", "pipeline_key_parser", "run_demo", "run_pipeline"]

@@ -33,7 +33,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -260,12 +259,10 @@ def _replicas_identical(model: Any) -> bool | None:
 def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Path:
     """Adapter files into a temporary sibling, then moved into output_dir; the record goes last."""
     from .data.templates import TEMPLATE_RECORD_FILE, template_record
-    from .outputs import write_json
+    from .outputs import staged_files, write_json
 
     out = run.cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapter-", dir=out.parent))
-    try:
+    with staged_files(out) as tmp:
         # "auto" would look the base model up (a network call for a hub id) to see whether the
         # embeddings changed; they only can when the LoRA targets them.
         embeddings = any(m in ("embed_tokens", "lm_head") for m in run.cfg.lora.lora_target_modules)
@@ -275,10 +272,6 @@ def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Pa
         from .cards import write_training_card
 
         write_training_card(tmp, run.cfg, record)  # replaces PEFT's empty README.md template
-        for item in tmp.iterdir():
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     write_json(out / DONE_FILE, record)
     return out
 

@@ -334,7 +334,7 @@ def test_resume_skips_finished_pairs(env, ranked, monkeypatch):
     again = evaluate(str(env["base"]), [env["a0"], env["a1"]], [env["merged"]], data_dir=env["data"],
                      output=out, tasks=TASKS, mode="rank", limit=6, batch_size=2)
     assert calls == [] and pred.stat().st_mtime_ns == mtime
-    assert again["table"] == first["table"]
+    assert again.table == first.table
     with pytest.raises(OutputError, match="limit"):
         evaluate(str(env["base"]), [env["a0"]], data_dir=env["data"], output=out, tasks=TASKS, mode="rank", limit=5)
 
@@ -416,3 +416,19 @@ def test_eval_cli_takes_brace_expanded_and_repeated_adapters():
         args, sections = parse_command("eval", argv)
         assert args.adapter == ["a_0", "a_1", "a_2", "a_3"] and args.merged_adapter == ["m"]
         assert args.base_model == "b" and sections["eval"] == {"data_dir": "d"}
+
+
+def test_typed_result_is_the_summary_file(ranked):
+    """evaluate() returns an EvalResult whose to_dict() is summary.json, and which loads back."""
+    from eval_harness.results import EvalResult, SuiteResult
+
+    out, result = ranked
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert result.to_dict() == on_disk
+    assert EvalResult.load(out / "summary.json") == result
+    pair = json.loads((out / "a0" / "boolq" / "summary.json").read_text())
+    assert SuiteResult.from_dict(pair) == result.models["a0"].suites["boolq"]
+    assert result.models["a0"].average == pytest.approx(
+        sum(s["accuracy"] for s in on_disk["models"]["a0"]["suites"].values()) / len(on_disk["tasks"]))
+    with pytest.raises(OutputError, match="missing"):
+        EvalResult.from_dict({"mode": "rank"}, "x.json")
