@@ -343,7 +343,9 @@ class KeyParser:
             key = unknown.lstrip("-").split("=", 1)[0]
             close = difflib.get_close_matches(key, self.keys(), n=3)
             hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
-            self.parser.error(f"unknown config key {key!r} ({unknown}){hint}; give --key value pairs "
+            # A config error (exit 1, "error: ..."), as a bad key in the YAML file is; argparse's
+            # own usage errors (a missing required option) still exit 2.
+            raise ConfigError(f"unknown config key {key!r} ({unknown}){hint}; give --key value pairs "
                               f"(list the keys: {self.parser.prog} --help)" if unknown.startswith("-")
                               else f"unrecognized arguments: {' '.join(rest)}")
         values: dict[str, dict[str, Any]] = {name: {} for name, _, _ in self.sections}
