@@ -424,8 +424,11 @@ def test_typed_result_is_the_summary_file(ranked):
 
     out, result = ranked
     on_disk = json.loads((out / "summary.json").read_text())
-    assert result.to_dict() == on_disk
-    assert EvalResult.load(out / "summary.json") == result
+    loaded = EvalResult.load(out / "summary.json")
+    assert loaded.to_dict() == on_disk  # the file's layout, exactly
+    # The resume test may have rewritten summary.json (its timing); everything else is this result.
+    assert {k: v for k, v in result.to_dict().items() if k != "seconds"} == \
+        {k: v for k, v in on_disk.items() if k != "seconds"}
     pair = json.loads((out / "a0" / "boolq" / "summary.json").read_text())
     assert SuiteResult.from_dict(pair) == result.models["a0"].suites["boolq"]
     assert result.models["a0"].average == pytest.approx(
