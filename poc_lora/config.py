@@ -1,20 +1,29 @@
-"""Training configuration: YAML + ``--key value`` overrides -> dataclasses.
+"""The configuration tree and its one override grammar, for every command.
 
-A config is one flat YAML mapping. Its keys are the fields of :class:`ModelArguments`,
-:class:`LoraArguments`, :class:`DataArguments`, :class:`PocArguments` and every field of
-``transformers.TrainingArguments``; the names follow the LLM-Adapters reference
-(``data_path``, ``cutoff_len``, ``train_on_inputs``, ``val_set_size``, ``lora_r``...) so its users
-feel at home. Parsing goes through ``transformers.HfArgumentParser``: the YAML values become the
-parser's defaults and the command line overrides them, with the parser's own type conversion
-(so ``learning_rate: 3e-4``, which YAML reads as a string, is still a float). An unknown key is a
-:class:`~poc_lora.errors.ConfigError` that lists the valid keys. Defaults are the paper's
-settings (arXiv:2502.05784).
+Sections: ``model`` (:class:`ModelArguments`), ``lora`` (:class:`LoraArguments`), ``data``
+(:class:`DataArguments`), ``noise`` (:class:`PocArguments`), ``training`` (every field of
+``transformers.TrainingArguments``, which stays their only declaration), ``merge``
+(:class:`MergeArguments`), ``eval`` (:class:`EvalArguments`), ``pipeline``
+(:class:`PipelineArguments`), and ``mfnn`` (the paper settings of :mod:`poc_lora.mfnn.config`).
+Each key has one default, its dataclass field's.
+
+Grammar (:data:`GRAMMAR`, :class:`KeyParser`): ``--key value`` or ``--section.key value`` on the
+command line; in YAML ``key: value``, ``section.key: value`` or ``section: {key: value}``. The
+dotted form is required only where two sections of one command share a key name (the
+pipeline's ``merge.seed`` and ``training.seed``). Underscores only; old dashed spellings are
+rewritten with a deprecation warning. The names of the training sections follow the
+LLM-Adapters reference (``data_path``, ``cutoff_len``, ``lora_r``...). Parsing goes through the
+argparse actions that ``transformers.HfArgumentParser`` builds from the dataclasses: YAML values
+become defaults converted by the key's type (so ``learning_rate: 3e-4``, which YAML reads as a
+string, is a float) and the command line overrides them. An unknown key is a
+:class:`~poc_lora.errors.ConfigError` that names it and the closest valid keys. Defaults are
+the paper's settings (Nitanda et al., ICML 2025, arXiv:2502.05784).
 
 Example:
     >>> from poc_lora.config import load_config
-    >>> cfg = load_config("configs/train/tiny_cpu.yaml", ["--max_steps", "10"])  # doctest: +SKIP
+    >>> cfg = load_config("configs/train/tiny_cpu.yaml", ["--max_steps", "10", "--lora.lora_r", "8"])  # doctest: +SKIP
     >>> cfg.training.max_steps, cfg.lora.lora_r  # doctest: +SKIP
-    (10, 16)
+    (10, 8)
 """
 
 from __future__ import annotations
