@@ -33,6 +33,9 @@ _LAZY = {
     "evaluate": "eval_harness.runner",
     "metric_path": "eval_harness.metrics",
     "load_metric": "eval_harness.metrics",
+    "EvalResult": "eval_harness.results",
+    "ModelResult": "eval_harness.results",
+    "SuiteResult": "eval_harness.results",
 }
 
 __all__ = list(_LAZY)

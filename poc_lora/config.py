@@ -1,31 +1,41 @@
-"""Training configuration: YAML + ``--key value`` overrides -> dataclasses.
+"""The configuration tree and its one override grammar, for every command.
 
-A config is one flat YAML mapping. Its keys are the fields of :class:`ModelArguments`,
-:class:`LoraArguments`, :class:`DataArguments`, :class:`PocArguments` and every field of
-``transformers.TrainingArguments``; the names follow the LLM-Adapters reference
-(``data_path``, ``cutoff_len``, ``train_on_inputs``, ``val_set_size``, ``lora_r``...) so its users
-feel at home. Parsing goes through ``transformers.HfArgumentParser``: the YAML values become the
-parser's defaults and the command line overrides them, with the parser's own type conversion
-(so ``learning_rate: 3e-4``, which YAML reads as a string, is still a float). An unknown key is a
-:class:`~poc_lora.errors.ConfigError` that lists the valid keys. Defaults are the paper's
-settings (arXiv:2502.05784).
+Sections: ``model`` (:class:`ModelArguments`), ``lora`` (:class:`LoraArguments`), ``data``
+(:class:`DataArguments`), ``noise`` (:class:`PocArguments`), ``training`` (every field of
+``transformers.TrainingArguments``, which stays their only declaration), ``merge``
+(:class:`MergeArguments`), ``eval`` (:class:`EvalArguments`), ``pipeline``
+(:class:`PipelineArguments`), and ``mfnn`` (the paper settings of :mod:`poc_lora.mfnn.config`).
+Each key has one default, its dataclass field's.
+
+Grammar (:data:`GRAMMAR`, :class:`KeyParser`): ``--key value`` or ``--section.key value`` on the
+command line; in YAML ``key: value``, ``section.key: value`` or ``section: {key: value}``. The
+dotted form is required only where two sections of one command share a key name (the
+pipeline's ``merge.seed`` and ``training.seed``). Underscores only; old dashed spellings are
+rewritten with a deprecation warning. The names of the training sections follow the
+LLM-Adapters reference (``data_path``, ``cutoff_len``, ``lora_r``...). Parsing goes through the
+argparse actions that ``transformers.HfArgumentParser`` builds from the dataclasses: YAML values
+become defaults converted by the key's type (so ``learning_rate: 3e-4``, which YAML reads as a
+string, is a float) and the command line overrides them. An unknown key is a
+:class:`~poc_lora.errors.ConfigError` that names it and the closest valid keys. Defaults are
+the paper's settings (Nitanda et al., ICML 2025, arXiv:2502.05784).
 
 Example:
     >>> from poc_lora.config import load_config
-    >>> cfg = load_config("configs/train/tiny_cpu.yaml", ["--max_steps", "10"])  # doctest: +SKIP
+    >>> cfg = load_config("configs/train/tiny_cpu.yaml", ["--max_steps", "10", "--lora.lora_r", "8"])  # doctest: +SKIP
     >>> cfg.training.max_steps, cfg.lora.lora_r  # doctest: +SKIP
-    (10, 16)
+    (10, 8)
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -118,9 +128,290 @@ class PocArguments:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature!r}")
 
 
-_GROUPS = (("model", ModelArguments), ("lora", LoraArguments), ("data", DataArguments), ("poc", PocArguments))
+@dataclass
+class MergeArguments:
+    """PoC merge of the M adapters (poc_lora.merge): method(s), target rank, prune seed, weights, dtype."""
+
+    methods: list[str] = field(default_factory=lambda: ["poc"], metadata={
+        "help": "pipeline: merge methods to run (poc is the paper's; svd, prune, soup for comparison)"})
+    rank: int | None = field(default=None, metadata={"help": "target rank K for svd/prune (default: one adapter's rank)"})
+    seed: int = field(default=0, metadata={"help": "seed for the prune method"})
+    weights: str | None = field(default=None, metadata={
+        "help": "comma-separated weights w_j (default 1/M each); negative allowed"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "dtype of the written tensors: float32, bfloat16 or float16 (default: that of the inputs)"})
+    allow_different_base: bool = field(default=False, metadata={
+        "help": "merge adapters whose base_model_name_or_path differ"})
+
+    def __post_init__(self) -> None:
+        self.methods = _as_list(self.methods)
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"merge dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"merge rank must be >= 1, got {self.rank}")
+
+
+@dataclass
+class EvalArguments:
+    """Evaluation on the commonsense suites (eval_harness); one default per key for every entry point."""
+
+    data_dir: str | None = field(default=None, metadata={
+        "help": "directory holding <suite>/test.json (pipeline default: the synthetic test sets)"})
+    tasks: str = field(default="all", metadata={
+        "help": "all, available (the suites data_dir holds), or comma-separated suite names"})
+    mode: str = field(default="generate", metadata={
+        "help": "generate (the paper's beam search + label extraction) or rank (log-likelihood of each label)"})
+    limit: int | None = field(default=None, metadata={"help": "first N examples per suite (default: all)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
+    num_beams: int = field(default=4, metadata={"help": "beams in generate mode"})
+    max_new_tokens: int = field(default=32, metadata={"help": "new tokens in generate mode"})
+    template: str | None = field(default=None, metadata={
+        "help": "prompt template for adapters that record none (default: llm-adapters)"})
+    include_base: bool = field(default=False, metadata={
+        "help": "also evaluate the plain base model (eval: default only when no adapter is given)"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("generate", "rank"):
+            raise ConfigError(f"eval mode must be 'generate' or 'rank', got {self.mode!r}")
+        for name in ("batch_size", "num_beams", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class PipelineArguments:
+    """The pipeline (poc_lora.pipeline) and ensemble: training config, number of adapters M, strategy."""
+
+    train_config: str | None = field(default=None, metadata={
+        "help": "training YAML (configs/train/*.yaml; relative to the pipeline YAML); required"})
+    num_adapters: int = field(default=4, metadata={"help": "number of adapters M (seeds seed+j)"})
+    strategy: str | None = field(default=None, metadata={
+        "help": "sequential (one process) or parallel (rank g trains j = g mod G); default: by the number of processes"})
+    output_dir: str = field(default="results/pipeline", metadata={"help": "pipeline output directory"})
+
+    def __post_init__(self) -> None:
+        if self.num_adapters < 1:
+            raise ConfigError(f"num_adapters must be >= 1, got {self.num_adapters}")
+        if self.strategy not in (None, "sequential", "parallel"):
+            raise ConfigError(f"strategy must be sequential or parallel, got {self.strategy!r}")
+
+
+# The configuration tree: section name -> its dataclass ("training" is transformers'
+# TrainingArguments, imported on use: it pulls in torch). mfnn's section is the dict of paper
+# settings in poc_lora.mfnn.config (nested keys, one set per experiment).
+SECTIONS: dict[str, type | None] = {
+    "model": ModelArguments, "lora": LoraArguments, "data": DataArguments, "noise": PocArguments,
+    "training": None, "merge": MergeArguments, "eval": EvalArguments, "pipeline": PipelineArguments,
+}
+TRAIN_SECTIONS = ("model", "lora", "data", "noise", "training")
+_GROUPS = tuple((name, SECTIONS[name]) for name in TRAIN_SECTIONS[:4])
 # Keys of TrainingArguments.to_dict() that must not be written to disk or fed back.
 _NOT_SAVED = {"hub_token", "local_rank"}
+
+GRAMMAR = (
+    "Keys: --key value (or --key=value), YAML 'key: value'. Every key also has the dotted form "
+    "--section.key (YAML: 'section: {key: value}'), required where two sections of a command share a "
+    "key name. Booleans: --flag, --flag true|false, or --no_flag where listed. Lists: space- or "
+    "comma-separated. Spelling: underscores (old dashed spellings still work, with a warning)."
+)
+
+
+def section_class(name: str) -> type:
+    """The dataclass of config section ``name`` (``training``: ``transformers.TrainingArguments``).
+
+    Raises :class:`ConfigError` for an unknown section.
+    """
+    if name == "training":
+        from transformers import TrainingArguments
+
+        return TrainingArguments
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown config section {name!r}; valid: {', '.join([*SECTIONS, 'mfnn'])}")
+    return SECTIONS[name]  # type: ignore[return-value]
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ConfigErrors (library use: argparse would print and exit)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _section_actions(cls: type) -> list[argparse.Action]:
+    """The argparse actions transformers' HfArgumentParser builds for ``cls`` (types, bools,
+    lists, help): the one source of how a dataclass field is parsed."""
+    from transformers.hf_argparser import HfArgumentParser
+
+    return [a for a in HfArgumentParser([cls], add_help=False)._actions]
+
+
+def _dashed(option: str) -> bool:
+    return "-" in option[2:] and option.startswith("--")
+
+
+class KeyParser:
+    """The override grammar of every command: config sections as ``--key value`` options.
+
+    Adds, to ``parser``, one argument group per section, built from the section's dataclass by
+    transformers' ``HfArgumentParser`` (so TrainingArguments' fields keep their own types and
+    help). Each key is ``--key`` (when no other section of this command has it) and
+    ``--section.key``; dashed variants are not registered (see :func:`normalize_argv`).
+    ``only`` restricts a section to some keys (the pipeline evaluates with a subset).
+
+    Example:
+        >>> import argparse
+        >>> kp = KeyParser(argparse.ArgumentParser(), [("eval", EvalArguments, None)])  # doctest: +SKIP
+        >>> kp.parse(["--eval.batch_size", "4"])[1]["eval"]  # doctest: +SKIP
+        {'batch_size': 4}
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser,
+                 sections: Sequence[tuple[str, type, Any]], legacy: Mapping[str, str] | None = None) -> None:
+        self.parser = parser
+        self.legacy = dict(legacy or {})  # old key -> its key now (accepted with a warning)
+        self.sections = [(name, cls, None if only is None else set(only)) for name, cls, only in sections]
+        self.dests: dict[str, tuple[str, str]] = {}  # argparse dest -> (section, key)
+        self.names: dict[str, list[str]] = {}  # key -> the sections that have it
+        actions = {name: [a for a in _section_actions(cls) if only is None or a.dest in only]
+                   for name, cls, only in self.sections}
+        for name, acts in actions.items():
+            for key in dict.fromkeys(a.dest for a in acts):
+                self.names.setdefault(key, []).append(name)
+        own = set(parser._option_string_actions)
+        for name, cls, _ in self.sections:
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            group = parser.add_argument_group(f"{name} keys", doc)
+            for action in actions[name]:
+                key = action.dest
+                bare = len(self.names[key]) == 1 and f"--{key}" not in own
+                dest = key if bare else f"{name}.{key}"
+                options = []
+                for opt in action.option_strings:
+                    if _dashed(opt):
+                        continue
+                    stem = opt[2:]  # key, or no_key for a boolean's complement
+                    options += ([opt] if bare else []) + [f"--{name}.{stem}"]
+                action.option_strings, action.dest = options, dest
+                if action.metavar is None and action.nargs != 0:
+                    action.metavar = key.upper()
+                if action.nargs == "+" and action.type is not None:
+                    action.type = _CommaList(action.type)
+                group._add_action(action)
+                self.dests[dest] = (name, key)
+
+    def dest(self, key: str, where: str) -> str:
+        """The argparse dest of config key ``key`` (``key`` or ``section.key``); a ConfigError
+        names the valid spellings for an unknown or ambiguous key."""
+        if key in self.dests:
+            return key
+        if "." in key:
+            section, name = key.split(".", 1)
+            if f"{section}.{name}" in self.dests:
+                return f"{section}.{name}"
+            if name in self.dests and self.dests[name][0] == section:
+                return name
+        if key in self.names:
+            raise ConfigError(f"config key {key!r} in {where} is ambiguous here: write "
+                              + " or ".join(f"{s}.{key}" for s in self.names[key]))
+        raise _unknown_key_error(key, where, self.keys())
+
+    def keys(self) -> list[str]:
+        """Every spelling of every key (``key`` where it is unique, and ``section.key``)."""
+        out = [dest for dest in self.dests if "." not in dest]
+        return out + [f"{s}.{k}" for s, k in self.dests.values()]
+
+    def flatten(self, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """A YAML mapping (flat ``key: value``, dotted ``section.key: value`` or nested
+        ``section: {key: value}``) as ``{dest: value}``."""
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            key = str(key)
+            if key in {n for n, _, _ in self.sections} and isinstance(value, Mapping) and key not in self.names:
+                for sub, v in value.items():
+                    out[self.dest(f"{key}.{sub}", where)] = v
+            else:
+                out[self.dest(key, where)] = value
+        return out
+
+    def parse(self, argv: Sequence[str], defaults: Mapping[str, Any] | None = None
+              ) -> tuple[argparse.Namespace, dict[str, dict[str, Any]]]:
+        """Parse ``argv`` over ``defaults`` (``{dest: value}``; strings are converted by the
+        keys' types). Returns the namespace (the command's own options) and, per section, the
+        keys given in ``defaults`` or ``argv`` (the others keep their dataclass defaults)."""
+        # Keys start as _UNSET (or their value in ``defaults``) so that the keys given can be told
+        # from the dataclass defaults, while --help still shows those defaults.
+        start = argparse.Namespace(**{dest: _UNSET for dest in self.dests})
+        if defaults:
+            self.parser.set_defaults(**defaults)  # a str default is converted by the key's type
+            for dest, value in defaults.items():
+                setattr(start, dest, value)
+        ns, rest = self.parser.parse_known_args(normalize_argv(argv, self.parser, self.legacy), start)
+        if rest:
+            unknown = next((t for t in rest if t.startswith("-")), rest[0])
+            key = unknown.lstrip("-").split("=", 1)[0]
+            close = difflib.get_close_matches(key, self.keys(), n=3)
+            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+            # A config error (exit 1, "error: ..."), as a bad key in the YAML file is; argparse's
+            # own usage errors (a missing required option) still exit 2.
+            raise ConfigError(f"unknown config key {key!r} ({unknown}){hint}; give --key value pairs "
+                              f"(list the keys: {self.parser.prog} --help)" if unknown.startswith("-")
+                              else f"unrecognized arguments: {' '.join(rest)}")
+        values: dict[str, dict[str, Any]] = {name: {} for name, _, _ in self.sections}
+        for dest, (section, key) in self.dests.items():
+            value = getattr(ns, dest)
+            delattr(ns, dest)
+            if value is not _UNSET:
+                values[section][key] = _flatten_lists(value)
+        return ns, values
+
+
+_UNSET = object()
+
+
+def _flatten_lists(value: Any) -> Any:
+    """A list key's value with its comma-separated items split (``--weights 0.5,0.5``)."""
+    if isinstance(value, list):
+        out: list[Any] = []
+        for item in value:
+            out += _flatten_lists(item) if isinstance(item, list) else [item]
+        return out
+    return value
+
+
+class _CommaList:
+    """The type of a list key's items: splits ``a,b`` (so lists are space- or comma-separated)."""
+
+    def __init__(self, item_type: Any) -> None:
+        self.item_type = item_type
+        self.__name__ = getattr(item_type, "__name__", "value")
+
+    def __call__(self, text: str) -> list[Any]:
+        return [self.item_type(t.strip()) for t in str(text).split(",") if t.strip()]
+
+
+def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser,
+                   legacy: Mapping[str, str] | None = None) -> list[str]:
+    """``argv`` with old dashed spellings (``--base-model``) turned into the one spelling
+    (``--base_model``) and old key names (``legacy``: ``{"eval_limit": "eval.limit"}``) into
+    their key now, each with a deprecation warning; unknown options are left to the parser."""
+    import logging
+
+    known = parser._option_string_actions
+    out = []
+    for tok in argv:
+        opt, eq, value = tok.partition("=")
+        if opt.startswith("--") and opt[2:] in (legacy or {}):
+            new = "--" + legacy[opt[2:]]  # type: ignore[index]
+            logging.getLogger("poc_lora.config").warning("%s is deprecated: the key is now %s", opt, new)
+            opt = tok = new + eq + value
+        if opt.startswith("--") and opt not in known and _dashed(opt):
+            new = "--" + opt[2:].replace("-", "_")
+            if new in known:
+                logging.getLogger("poc_lora.config").warning(
+                    "%s is deprecated: the spelling is %s (underscores)", opt, new)
+                tok = new + eq + value
+        out.append(tok)
+    return out
 
 
 @dataclass
@@ -132,6 +423,11 @@ class TrainConfig:
     data: DataArguments
     poc: PocArguments
     training: Any
+
+    @property
+    def noise(self) -> PocArguments:
+        """The ``noise`` section of the configuration tree (the same object as ``poc``)."""
+        return self.poc
 
     @property
     def output_dir(self) -> Path:
@@ -170,28 +466,19 @@ class TrainConfig:
         return dataclasses.replace(self, training=training, poc=poc)
 
 
-class _Parser:
-    """HfArgumentParser whose errors are ConfigErrors (argparse would print and exit)."""
-
-    def __new__(cls) -> Any:
-        # transformers (seconds to import) loads only to parse a training config: `poc-lora mfnn`
-        # reads this module for read_yaml and must not pay for it.
-        from transformers import HfArgumentParser, TrainingArguments
-
-        class Parser(HfArgumentParser):
-            def error(self, message: str) -> None:  # noqa: D102
-                raise ConfigError(f"bad config value: {message}")
-
-        return Parser([cls_ for _, cls_ in _GROUPS] + [TrainingArguments], allow_abbrev=False)
+def train_key_parser(parser: argparse.ArgumentParser | None = None) -> KeyParser:
+    """The keys of ``poc-lora train``/``ensemble``: model, lora, data, noise and training
+    (every ``TrainingArguments`` field) sections, added to ``parser`` (default: one whose errors
+    are :class:`ConfigError`)."""
+    parser = parser if parser is not None else _RaisingParser(prog="poc-lora train", add_help=False, allow_abbrev=False)
+    return KeyParser(parser, [(name, section_class(name), None) for name in TRAIN_SECTIONS])
 
 
 def valid_keys() -> list[str]:
-    """Every key a training config may set."""
-    from transformers import TrainingArguments  # lazy: see _Parser
-
+    """Every key a training config may set (flat spelling)."""
     keys = []
-    for cls in [c for _, c in _GROUPS] + [TrainingArguments]:
-        keys += [f.name for f in dataclasses.fields(cls) if f.init]
+    for name in TRAIN_SECTIONS:
+        keys += [f.name for f in dataclasses.fields(section_class(name)) if f.init]
     return keys
 
 
@@ -250,18 +537,16 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _override_keys(overrides: Sequence[str]) -> list[str]:
-    keys = []
-    for tok in overrides:
-        if tok.startswith("--"):
-            keys.append(tok[2:].split("=", 1)[0].replace("-", "_"))
-    return keys
-
-
 def load_config(
-    config: str | os.PathLike | dict[str, Any] | None = None, overrides: Sequence[str] = ()
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    updates: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """Parse a YAML file (or a mapping) plus ``--key value`` overrides into a :class:`TrainConfig`.
+    """Parse a YAML file (or a mapping), ``updates`` and ``--key value`` overrides into a :class:`TrainConfig`.
+
+    Keys may be flat (``lora_r``), dotted (``lora.lora_r``) or nested under their section (see
+    :data:`GRAMMAR`); ``updates`` is such a mapping of typed values applied over the file (the
+    pipeline's training keys), ``overrides`` the command-line tokens applied last.
 
     Raises :class:`ConfigError` for an unknown key (listing the valid ones), a value of the wrong
     type, or a missing ``model_name_or_path`` / ``data_path`` / ``output_dir``.
@@ -273,35 +558,26 @@ def load_config(
     where = "the config mapping"
     if config is None:
         values: dict[str, Any] = {}
-    elif isinstance(config, dict):
+    elif isinstance(config, Mapping):
         values = dict(config)
     else:
         values, where = read_yaml(config), str(config)
-    valid = valid_keys()
-    for key in values:
-        if key not in valid:
-            raise _unknown_key_error(str(key), where, valid)
-    for key in _override_keys(overrides):
-        if key not in valid and not (key.startswith("no_") and key[3:] in valid):
-            raise _unknown_key_error(key, "the command-line overrides", valid)
-    for key in ("lora_target_modules",):  # list fields: argparse would not split a YAML string
-        if isinstance(values.get(key), str):
-            values[key] = _as_list(values[key])
-    parser = _Parser()
-    parser.set_defaults(**values)
+    keys = train_key_parser()
+    flat = keys.flatten(values, where)
+    flat.update(keys.flatten(updates or {}, "the config updates"))
+    if isinstance(flat.get("lora_target_modules"), str):  # list field: argparse would not split a YAML string
+        flat["lora_target_modules"] = _as_list(flat["lora_target_modules"])
     try:
-        *groups, training, rest = parser.parse_args_into_dataclasses(args=list(overrides), return_remaining_strings=True)
-    except ConfigError:
-        raise
+        _, sections = keys.parse(list(overrides), flat)
+        groups = {name: section_class(name)(**sections[name]) for name in TRAIN_SECTIONS}
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} ({where} + overrides)") from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"invalid configuration ({where} + overrides): {exc}") from None
-    if rest:
-        raise ConfigError(f"cannot parse the overrides {' '.join(rest)!r}: use --key value pairs "
-                          f"(valid keys: {', '.join(sorted(valid))})")
-    cfg = TrainConfig(*groups[:4], training=training)
+    cfg = TrainConfig(groups["model"], groups["lora"], groups["data"], groups["noise"], training=groups["training"])
     missing = [k for k, v in (("model_name_or_path", cfg.model.model_name_or_path),
                               ("data_path", cfg.data.data_path)) if not v]
-    if not values.get("output_dir") and "output_dir" not in _override_keys(overrides):
+    if "output_dir" not in sections["training"]:
         missing.append("output_dir")
     if missing:
         raise ConfigError(f"missing required config key(s) {', '.join(missing)} ({where})")
@@ -309,6 +585,7 @@ def load_config(
 
 
 __all__ = [
-    "CONFIG_FILE", "DataArguments", "LoraArguments", "ModelArguments", "PocArguments", "TrainConfig",
-    "load_config", "read_yaml", "valid_keys",
+    "CONFIG_FILE", "DataArguments", "EvalArguments", "GRAMMAR", "KeyParser", "LoraArguments", "MergeArguments",
+    "ModelArguments", "PipelineArguments", "PocArguments", "SECTIONS", "TRAIN_SECTIONS", "TrainConfig",
+    "load_config", "normalize_argv", "read_yaml", "section_class", "train_key_parser", "valid_keys",
 ]

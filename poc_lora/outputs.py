@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import OutputError
 
@@ -79,20 +79,52 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
             old.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same directory + rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], suffix: str = "") -> Path:
+    """Create ``path`` by calling ``write(tmp)`` on a temporary file beside it, then renaming.
+
+    The one implementation of an atomic file write: the temporary file gets the permissions
+    ``open`` would give (umask), is removed on any error, and ``path`` is only ever replaced by a
+    complete file. ``suffix`` ends the temporary name (writers that pick the format from it,
+    such as matplotlib's ``savefig``, need ``.png``).
+
+    Example:
+        >>> atomic_write("out/fig.png", lambda tmp: fig.savefig(tmp), suffix=".png")  # doctest: +SKIP
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; open() would honour the umask
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        os.close(fd)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same directory + rename."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def staged_files(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``directory``; on success each file in it is
+    renamed into ``directory`` (created if needed; other files there are kept), on error it is
+    removed. For outputs that share a directory with other files (a training run's adapter
+    beside its checkpoints); write the file that marks completion after this block.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staged-", dir=out.parent))
+    try:
+        yield tmp
+        for item in tmp.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -24,7 +24,7 @@ recomputes merges, evaluation and report (trained adapters are kept unless their
 Example:
     >>> from poc_lora.pipeline import run_pipeline
     >>> result = run_pipeline("configs/pipeline/tiny_cpu.yaml", output="results/pipeline")  # doctest: +SKIP
-    >>> result["table"][-1]["Method"]  # doctest: +SKIP
+    >>> result.table[-1]["Method"]  # doctest: +SKIP
     'PoC merge'
 """
 
@@ -40,15 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from eval_harness.data import load_suite
+from eval_harness.results import EvalResult
 from eval_harness.runner import evaluate
 from eval_harness.scoring import candidate_labels
 from eval_harness.suites import AVERAGE_COLUMN, SUITES
 
 from .cards import add_evaluation_cards
-from .config import load_config, read_yaml
+from .config import TRAIN_SECTIONS, KeyParser, _RaisingParser, load_config, read_yaml, section_class
 from .data.instructions import synthetic_test_dir
 from .data.synthetic import SYNTHETIC_DATA
 from .ensemble import train_ensemble
@@ -72,79 +71,180 @@ MERGE_LABELS = {
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# The pipeline command's keys: its own sections (the eval keys it uses), then every training key.
+PIPELINE_SECTIONS = (("pipeline", None), ("merge", ("methods", "rank", "seed")),
+                     ("eval", ("data_dir", "tasks", "mode", "limit", "batch_size", "num_beams", "include_base")))
+# Keys of the flat pipeline YAMLs of earlier releases -> their key now.
+LEGACY_KEYS = {
+    "merge_methods": "merge.methods", "merge_rank": "merge.rank", "merge_seed": "merge.seed",
+    "eval_data_dir": "eval.data_dir", "eval_tasks": "eval.tasks", "eval_mode": "eval.mode",
+    "eval_limit": "eval.limit", "eval_batch_size": "eval.batch_size", "eval_num_beams": "eval.num_beams",
+    "output_dir": "pipeline.output_dir",
+}
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Refuse ``--train_overrides`` (earlier releases) with what to write instead."""
+    if any(t.split("=", 1)[0] == "--train_overrides" for t in argv):
+        raise ConfigError("--train_overrides is gone: give the training keys directly, "
+                          "e.g. --max_steps 12 --save_steps 6 (or --training.max_steps 12)")
+
+
+def pipeline_key_parser(parser: argparse.ArgumentParser | None = None) -> Any:
+    """The keys of ``poc-lora pipeline`` (pipeline, merge, eval, then the training sections) on
+    ``parser`` (default: one whose errors are ConfigErrors)."""
+    parser = parser if parser is not None else _RaisingParser(prog="poc-lora pipeline", add_help=False,
+                                                              allow_abbrev=False)
+    sections = [(name, section_class(name), only) for name, only in PIPELINE_SECTIONS]
+    return KeyParser(parser, sections + [(name, section_class(name), None) for name in TRAIN_SECTIONS],
+                     legacy=LEGACY_KEYS)
+
+
+def _migrate(raw: dict[str, Any], where: str, keys: Any) -> dict[str, Any]:
+    """A pipeline mapping in the old flat layout (``eval_mode``, ``train_overrides``, ...) in the
+    current one, with a warning naming what to write instead."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "train_overrides":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: train_overrides must be a mapping of training keys, got {value!r}; "
+                                  "better: write the training keys at the top level (max_steps: 12) or under "
+                                  "their section (training: {max_steps: 12})")
+            if value:
+                logger.warning("%s: train_overrides is deprecated: write its keys (%s) at the top level or "
+                               "under their section (training: {...})", where, ", ".join(value))
+            from .config import TRAIN_SECTIONS
+
+            for k, v in value.items():  # training keys: a name the pipeline sections share is the training one
+                train = [sec for sec in keys.names.get(str(k), []) if sec in TRAIN_SECTIONS]
+                out[f"{train[0]}.{k}" if len(keys.names.get(str(k), [])) > 1 and train else k] = v
+        elif key in LEGACY_KEYS:
+            section, name = LEGACY_KEYS[key].split(".")
+            logger.warning("%s: key %s is deprecated: write %s.%s (%s: {%s: ...})", where, key, section, name,
+                           section, name)
+            out[LEGACY_KEYS[key]] = value
+        else:
+            out[key] = value
+    return out
+
+
 @dataclass
 class PipelineConfig:
-    """A pipeline YAML file. Relative paths in it are relative to the file itself."""
+    """A pipeline configuration: the pipeline, merge and eval sections, and the training keys it
+    sets over its ``train_config`` (``{section.key: value}``, typed).
 
-    train_config: str  # a training YAML (configs/train/*.yaml)
-    num_adapters: int = 4
-    strategy: str | None = None  # sequential | parallel (default: by the number of processes)
-    train_overrides: dict[str, Any] = field(default_factory=dict)  # key: value, as on the train CLI
-    merge_methods: list[str] = field(default_factory=lambda: ["poc"])
-    merge_rank: int | None = None  # K for svd / prune (default: the rank of one adapter)
-    merge_seed: int = 0
-    eval_data_dir: str | None = None  # default: the synthetic test sets when data_path is synthetic
-    eval_tasks: str = "all"
-    eval_mode: str = "rank"
-    eval_limit: int | None = None
-    eval_batch_size: int = 16
-    eval_num_beams: int = 4
-    include_base: bool = False  # also evaluate the plain base model (a "Base model" row)
-    output_dir: str = "results/pipeline"
+    A pipeline YAML holds keys like every config (flat where unique, dotted, or nested under their
+    section); relative paths in it are relative to the file itself. The flat layout of earlier
+    releases (``eval_mode``, ``merge_methods``, ``train_overrides: {...}``) still loads, with a
+    warning naming each key's new spelling.
+    """
+
+    pipeline: Any  # config.PipelineArguments
+    merge: Any  # config.MergeArguments
+    eval: Any  # config.EvalArguments
+    train_updates: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "PipelineConfig":
-        """Read a pipeline YAML; ``overrides`` are ``--key value`` pairs of this class's fields."""
+    def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = (),
+                  updates: dict[str, Any] | None = None) -> "PipelineConfig":
+        """Read a pipeline YAML; then ``updates`` (``{key: value}``, typed) and ``overrides``
+        (``--key value`` tokens), both in the keys of ``poc-lora pipeline``.
+
+        Raises :class:`ConfigError` naming the file and key for an unknown, ambiguous or
+        invalid key, or a missing ``train_config``.
+        """
         path = Path(path)
-        raw = read_yaml(path)
-        raw.update(_parse_overrides(overrides))
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(raw) - set(valid))
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-        if "train_config" not in raw:
-            raise ConfigError(f"{path}: missing required key 'train_config'")
-        cfg = cls(**raw)
-        for key in ("train_config", "eval_data_dir"):  # relative to the YAML file
-            value = getattr(cfg, key)
+        keys = pipeline_key_parser()
+        flat = keys.flatten(_migrate(read_yaml(path), str(path), keys), str(path))
+        flat.update(keys.flatten(_migrate(dict(updates or {}), "the pipeline updates", keys), "the pipeline updates"))
+        check_overrides(overrides)
+        try:
+            _, sections = keys.parse(list(overrides), flat)
+            groups = {name: section_class(name)(**sections[name]) for name, _ in PIPELINE_SECTIONS}
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if not groups["pipeline"].train_config:
+            raise ConfigError(f"{path}: missing required key 'train_config' (pipeline.train_config)")
+        cfg = cls(groups["pipeline"], groups["merge"], groups["eval"],
+                  {f"{s}.{k}": v for s in TRAIN_SECTIONS for k, v in sections[s].items()})
+        for obj, key in ((cfg.pipeline, "train_config"), (cfg.eval, "data_dir")):  # relative to the YAML file
+            value = getattr(obj, key)
             if value and not Path(value).is_absolute() and not Path(value).exists():
-                setattr(cfg, key, str(path.parent / value))
+                setattr(obj, key, str(path.parent / value))
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        if self.num_adapters < 1:
-            raise ConfigError(f"num_adapters must be >= 1, got {self.num_adapters}")
-        bad = [m for m in self.merge_methods if m not in MERGE_LABELS]
-        if bad or not self.merge_methods:
-            raise ConfigError(f"merge_methods: unknown method {bad[:1]}; valid: {', '.join(MERGE_LABELS)}")
-        if self.eval_mode not in ("rank", "generate"):
-            raise ConfigError(f"eval_mode must be 'rank' or 'generate', got {self.eval_mode!r}")
+        """Raise :class:`ConfigError` for a merge method the pipeline does not know."""
+        bad = [m for m in self.merge.methods if m not in MERGE_LABELS]
+        if bad or not self.merge.methods:
+            raise ConfigError(f"merge.methods (earlier: merge_methods): unknown method {bad[:1]}; "
+                              f"valid: {', '.join(MERGE_LABELS)}")
+
+    def train_config(self, output_dir: str | os.PathLike) -> Any:
+        """The :class:`~poc_lora.config.TrainConfig` of the ensemble: ``pipeline.train_config``
+        with this config's training keys, writing into ``output_dir``."""
+        return load_config(self.pipeline.train_config,
+                           updates={**self.train_updates, "training.output_dir": str(output_dir)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings in the flat layout ``report.json`` and the stage hashes have always used
+        (so results written by earlier releases stay current)."""
+        p, m, e = self.pipeline, self.merge, self.eval
+        return {
+            "train_config": p.train_config, "num_adapters": p.num_adapters, "strategy": p.strategy,
+            "train_overrides": {k.split(".", 1)[1]: v for k, v in self.train_updates.items()},
+            "merge_methods": list(m.methods), "merge_rank": m.rank, "merge_seed": m.seed,
+            "eval_data_dir": e.data_dir, "eval_tasks": e.tasks, "eval_mode": e.mode, "eval_limit": e.limit,
+            "eval_batch_size": e.batch_size, "eval_num_beams": e.num_beams, "include_base": e.include_base,
+            "output_dir": p.output_dir,
+        }
 
 
-def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    items = list(overrides)
-    while items:
-        key = items.pop(0)
-        if not key.startswith("--") or not items:
-            raise ConfigError(f"overrides must be '--key value' pairs, got {key!r}")
-        out[key[2:].replace("-", "_")] = yaml.safe_load(items.pop(0))
-    return out
+@dataclass
+class PipelineReport:
+    """What :func:`run_pipeline` returns; ``to_dict()`` is ``report.json`` (``from_dict``/``load``
+    read it back, including reports written by earlier releases). Accuracies are in %."""
 
+    config: dict[str, Any]  # PipelineConfig.to_dict()
+    columns: list[str]  # suite columns + the average
+    table: list[dict[str, Any]]  # the paper's rows: Base model, LoRA (best), LoRA (ave.), PoC merge, variants
+    adapters: list[dict[str, Any]]  # one row per adapter
+    merge_spread: dict[str, float | None]  # per merge method, the adapters' mean pairwise relative distance
+    what: str  # what was run, e.g. "synthetic suites, tiny model, rank-mode scoring"
+    chance: dict[str, float]  # uniform guess per column
+    eval_summary: str  # the evaluation's summary.json
+    seconds: dict[str, float]  # wall time per stage
+    files: dict[str, str]  # report_md, report_png, results_csv
 
-def _train_overrides(cfg: PipelineConfig, output_dir: Path) -> list[str]:
-    flat: list[str] = []
-    for key, value in cfg.train_overrides.items():
-        if isinstance(value, (list, tuple)):  # the train CLI takes lists comma-separated
-            value = ",".join(map(str, value))
-        flat += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    return [*flat, "--output_dir", str(output_dir)]
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "pipeline report") -> "PipelineReport":
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise OutputError(f"{where}: not a pipeline report (missing {', '.join(missing)})")
+        return cls(**{n: data[n] for n in names})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PipelineReport":
+        """Read a ``report.json``; raises :class:`OutputError` naming the file if it is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"cannot read the pipeline report {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise OutputError(f"{path}: not a pipeline report")
+        return cls.from_dict(data, str(path))
 
 
 def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
-    if cfg.eval_data_dir:
-        return Path(cfg.eval_data_dir)
+    if cfg.eval.data_dir:
+        return Path(cfg.eval.data_dir)
     test_dir = synthetic_test_dir(train_cfg.data)  # writes the synthetic suites if they are not there yet
     if test_dir is None:
         raise ConfigError("eval_data_dir is required when the training data are not the synthetic suites")
@@ -154,23 +254,23 @@ def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
 def _merge_settings(cfg: PipelineConfig, method: str, adapters: list[Path]) -> dict[str, Any]:
     rank = None
     if method in ("svd", "prune"):
-        rank = cfg.merge_rank if cfg.merge_rank is not None else _adapter_rank(adapters[0])
-    return {"method": method, "rank": rank, "seed": cfg.merge_seed if method == "prune" else None,
+        rank = cfg.merge.rank if cfg.merge.rank is not None else _adapter_rank(adapters[0])
+    return {"method": method, "rank": rank, "seed": cfg.merge.seed if method == "prune" else None,
             "adapters": [str(a) for a in adapters], "adapter_stages": [stage_hash(a) for a in adapters]}
 
 
 def _merge_stage(cfg: PipelineConfig, adapters: list[Path], out: Path, overwrite: bool) -> dict[str, Path]:
     merges: dict[str, Path] = {}
-    for i, method in enumerate(cfg.merge_methods, 1):
+    for i, method in enumerate(cfg.merge.methods, 1):
         target = out / method
         settings = _merge_settings(cfg, method, adapters)
         if is_current(target, settings) and not overwrite:
-            logger.info("merge %d/%d (%s): up to date in %s", i, len(cfg.merge_methods), method, target)
+            logger.info("merge %d/%d (%s): up to date in %s", i, len(cfg.merge.methods), method, target)
         else:
             why = "--overwrite" if overwrite else ", ".join(changed_settings(target, settings)[:6])
-            logger.info("merge %d/%d (%s) into %s (%s)", i, len(cfg.merge_methods), method, target, why)
+            logger.info("merge %d/%d (%s) into %s (%s)", i, len(cfg.merge.methods), method, target, why)
             clear_stage(target)
-            report = merge_adapters(adapters, target, method=method, rank=settings["rank"], seed=cfg.merge_seed,
+            report = merge_adapters(adapters, target, method=method, rank=settings["rank"], seed=cfg.merge.seed,
                                     overwrite=True)
             write_stage(target, "merge", settings)
             logger.info("%s", report.summary())
@@ -192,7 +292,7 @@ def _label(method: str, merged: Path) -> str:
 
 
 def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merges: dict[str, Path],
-                data_dir: Path, out: Path, overwrite: bool) -> dict[str, Any]:
+                data_dir: Path, out: Path, overwrite: bool) -> EvalResult:
     """Evaluate every model whose weights or evaluation settings changed, then collect all results.
 
     Each model's results under ``out/<model>/`` carry a stage marker (evaluation settings + the
@@ -200,11 +300,11 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
     a second call that finds every pair finished builds the summary and tables.
     """
 
-    common = dict(data_dir=data_dir, output=out, tasks=cfg.eval_tasks, mode=cfg.eval_mode, limit=cfg.eval_limit,
-                  batch_size=cfg.eval_batch_size, num_beams=cfg.eval_num_beams)
-    shared = {"base_model": base_model, "data_dir": str(data_dir), "tasks": cfg.eval_tasks, "mode": cfg.eval_mode,
-              "limit": cfg.eval_limit, "num_beams": cfg.eval_num_beams if cfg.eval_mode == "generate" else None,
-              "include_base": cfg.include_base}
+    common = dict(data_dir=data_dir, output=out, tasks=cfg.eval.tasks, mode=cfg.eval.mode, limit=cfg.eval.limit,
+                  batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
+    shared = {"base_model": base_model, "data_dir": str(data_dir), "tasks": cfg.eval.tasks, "mode": cfg.eval.mode,
+              "limit": cfg.eval.limit, "num_beams": cfg.eval.num_beams if cfg.eval.mode == "generate" else None,
+              "include_base": cfg.eval.include_base}
     models = [(a, "adapter") for a in adapters] + [(m, "merged") for m in merges.values()]
     settings = {p: {**shared, "model": str(p), "model_stage": stage_hash(p)} for p, _ in models}
     stale = [(p, kind) for p, kind in models if overwrite or not is_current(out / p.name, settings[p])]
@@ -219,10 +319,10 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
         logger.info("evaluation: all %d models up to date", len(models))
     collected = {**shared, "models": {str(p): stage_hash(out / p.name) for p, _ in models}}
     if not stale and is_current(out, collected) and (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
+        return EvalResult.load(out / "summary.json")
     # The base model (when asked for) is evaluated here, once: its results are keyed by the
     # evaluation settings alone, so the runner's own per-pair check decides whether it is current.
-    result = evaluate(base_model, adapters, list(merges.values()), include_base=cfg.include_base or None,
+    result = evaluate(base_model, adapters, list(merges.values()), include_base=cfg.eval.include_base or None,
                       overwrite=False, **common)
     write_stage(out, "eval", collected)
     return result
@@ -247,17 +347,17 @@ def _spread_line(spreads: dict[str, Any]) -> str:
     return line
 
 
-def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any]) -> str:
+def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: EvalResult) -> str:
     """What the report's numbers are, from the settings actually used, e.g. "synthetic suites,
     tiny model, rank-mode scoring" (the demo) or "data data/dataset, model meta-llama/...,
     generate-mode scoring"."""
-    train_cfg = load_config(cfg.train_config, _train_overrides(cfg, out / "adapters"))
-    synthetic = train_cfg.data.data_path == SYNTHETIC_DATA and not cfg.eval_data_dir
-    model = evaluation["base_model"]
+    train_cfg = cfg.train_config(out / "adapters")
+    synthetic = train_cfg.data.data_path == SYNTHETIC_DATA and not cfg.eval.data_dir
+    model = evaluation.base_model
     return ", ".join([
-        "synthetic suites" if synthetic else f"data {evaluation['data_dir']}",
+        "synthetic suites" if synthetic else f"data {evaluation.data_dir}",
         "tiny model" if model == TINY_MODEL_ID else f"model {model}",
-        f"{evaluation['mode']}-mode scoring",
+        f"{evaluation.mode}-mode scoring",
     ])
 
 
@@ -271,22 +371,22 @@ def _chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: in
     return chance
 
 
-def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: dict[str, Path],
-            adapters: list[Path], timing: dict[str, float]) -> dict[str, Any]:
+def _report(cfg: PipelineConfig, out: Path, evaluation: EvalResult, merges: dict[str, Path],
+            adapters: list[Path], timing: dict[str, float]) -> "PipelineReport":
     """report.md / report.json / report.png from the evaluation's per-model accuracies."""
 
-    suites = evaluation["tasks"]
+    suites = evaluation.tasks
     columns = [SUITES[s].column for s in suites] + [AVERAGE_COLUMN]
-    by_path = {Path(m["adapter"]).resolve(): key for key, m in evaluation["models"].items() if m["adapter"]}
-    acc = {key: accuracy_percentages({SUITES[s].column: m["suites"][s]["accuracy"] for s in suites}, m["average"],
+    by_path = {Path(m.adapter).resolve(): key for key, m in evaluation.models.items() if m.adapter}
+    acc = {key: accuracy_percentages({SUITES[s].column: m.suites[s].accuracy for s in suites}, m.average,
                                      AVERAGE_COLUMN)
-           for key, m in evaluation["models"].items()}
+           for key, m in evaluation.models.items()}
     what = _what_was_run(cfg, out, evaluation)
-    chance = _chance_levels(evaluation["data_dir"], suites, cfg.eval_limit)
+    chance = _chance_levels(evaluation.data_dir, suites, cfg.eval.limit)
     chance_row = {**{SUITES[s].column: chance[s] for s in suites}, AVERAGE_COLUMN: sum(chance.values()) / len(suites)}
     merge_keys = {by_path[p.resolve()]: _label(meth, p) for meth, p in merges.items()}
     singles = {by_path[a.resolve()] for a in adapters}
-    base = [k for k, m in evaluation["models"].items() if m["kind"] == "base"]
+    base = [k for k, m in evaluation.models.items() if m.kind == "base"]
     base_rows = [{"Method": "Base model", **acc[k], "Model": k} for k in base]
     acc = {k: v for k, v in acc.items() if k in singles or k in merge_keys}
     rows = base_rows + comparison_rows(acc, columns, merge_keys, AVERAGE_COLUMN)
@@ -299,9 +399,9 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: 
     md = [
         f"# poc-lora pipeline report: {what}",
         "",
-        f"{len(adapters)} adapters (seeds seed+j), merged with {', '.join(cfg.merge_methods)}; "
-        f"evaluation mode `{evaluation['mode']}` on {len(suites)} suites "
-        f"({'first ' + str(cfg.eval_limit) if cfg.eval_limit else 'all'} examples each). Accuracy in %; "
+        f"{len(adapters)} adapters (seeds seed+j), merged with {', '.join(cfg.merge.methods)}; "
+        f"evaluation mode `{evaluation.mode}` on {len(suites)} suites "
+        f"({'first ' + str(cfg.eval.limit) if cfg.eval.limit else 'all'} examples each). Accuracy in %; "
         f"chance is a uniform guess among each question's options.",
         "",
         markdown_table(table_cols, [*rows, {"Method": "Chance", **chance_row}]),
@@ -320,20 +420,20 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: dict[str, Any], merges: 
     png = plot_grouped_bars(columns, series, out / "report.png", ylabel="accuracy (%)",
                             title=f"Single adapters vs. their merge ({what})",
                             reference=[chance_row[c] for c in columns], reference_label="chance")
-    report = {
-        "config": dataclasses.asdict(cfg),
-        "columns": columns,
-        "table": rows,
-        "adapters": per_adapter,
-        "merge_spread": spreads,
-        "what": what,
-        "chance": chance_row,
-        "eval_summary": evaluation["files"]["summary"],
-        "seconds": timing,
-        "files": {"report_md": str(out / "report.md"), "report_png": str(png),
-                  "results_csv": evaluation["files"]["results_csv"]},
-    }
-    write_json(out / "report.json", report)
+    report = PipelineReport(
+        config=cfg.to_dict(),
+        columns=columns,
+        table=rows,
+        adapters=per_adapter,
+        merge_spread=spreads,
+        what=what,
+        chance=chance_row,
+        eval_summary=evaluation.files["summary"],
+        seconds=timing,
+        files={"report_md": str(out / "report.md"), "report_png": str(png),
+               "results_csv": evaluation.files["results_csv"]},
+    )
+    write_json(out / "report.json", report.to_dict())
     return report
 
 
@@ -342,10 +442,11 @@ def run_pipeline(
     output: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train -> merge -> evaluate -> report, resumably. Returns the report dict (``report.json``).
+) -> PipelineReport | None:
+    """Train -> merge -> evaluate -> report, resumably. Returns the :class:`PipelineReport`
+    (``report.json``; None on the ranks other than 0 of a parallel run).
 
-    ``overrides`` are ``--key value`` pairs of :class:`PipelineConfig` fields. Each stage is
+    ``overrides`` are ``--key value`` pairs of ``poc-lora pipeline``'s keys. Each stage is
     skipped when its settings are unchanged and recomputed (with what depends on it) when they
     changed (see the module docstring). With ``overwrite`` the merges, evaluations and report are
     recomputed (trained adapters are kept unless their settings changed). Under ``accelerate
@@ -356,24 +457,24 @@ def run_pipeline(
     (``output`` an existing file, say), before anything is trained.
     """
     cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.from_yaml(config, overrides)
-    out = Path(output or cfg.output_dir)
+    out = Path(output or cfg.pipeline.output_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"pipeline output {out} exists and is not a directory")
     timing: dict[str, float] = {}
 
     t = time.perf_counter()
-    train_cfg = load_config(cfg.train_config, _train_overrides(cfg, out / "adapters"))
+    train_cfg = cfg.train_config(out / "adapters")
     data_dir = _eval_data_dir(cfg, train_cfg)  # checked before hours of training
     rank = int(os.environ.get("RANK", "0"))  # read first: parallel training hides the launcher's env
-    logger.info("stage 1/4: training %d adapters into %s", cfg.num_adapters, out / "adapters")
-    ens = train_ensemble(train_cfg, cfg.num_adapters, strategy=cfg.strategy, retrain_stale=True)
+    logger.info("stage 1/4: training %d adapters into %s", cfg.pipeline.num_adapters, out / "adapters")
+    ens = train_ensemble(train_cfg, cfg.pipeline.num_adapters, strategy=cfg.pipeline.strategy, retrain_stale=True)
     if rank != 0:  # the other ranks have trained their adapters; rank 0 merges and evaluates
-        return {}
+        return None
     timing["training"] = time.perf_counter() - t
     adapters = [Path(p) for p in ens.adapters]
 
     t = time.perf_counter()
-    logger.info("stage 2/4: merging (%s)", ", ".join(cfg.merge_methods))
+    logger.info("stage 2/4: merging (%s)", ", ".join(cfg.merge.methods))
     merges = _merge_stage(cfg, adapters, out / "merges", overwrite)
     timing["merging"] = time.perf_counter() - t
 
@@ -383,46 +484,47 @@ def run_pipeline(
                              out / "eval", overwrite)
     timing["evaluation"] = time.perf_counter() - t
 
-    report_settings = {"config": dataclasses.asdict(cfg),
+    report_settings = {"config": cfg.to_dict(),
                        "models": {str(p): stage_hash(out / "eval" / p.name) for p in [*adapters, *merges.values()]},
                        "merges": {m: stage_hash(p) for m, p in merges.items()}}
     report_settings["config"].pop("output_dir")
     if is_current(out, report_settings) and (out / "report.json").is_file() and not overwrite:
         logger.info("stage 4/4: report up to date (%s)", out / "report.md")
-        return json.loads((out / "report.json").read_text())
+        return PipelineReport.load(out / "report.json")
     logger.info("stage 4/4: writing the report")
     report = _report(cfg, out, evaluation, merges, adapters, timing)
 
-    add_evaluation_cards(evaluation, report["columns"], report["table"], {s: SUITES[s].column for s in SUITES})
+    add_evaluation_cards(evaluation, report.columns, report.table, {s: SUITES[s].column for s in SUITES})
     write_stage(out, "report", report_settings)
     return report
 
 
-def _print_report(report: dict[str, Any], title: str) -> None:
+def _print_report(report: PipelineReport, title: str) -> None:
     print(f"\n## {title}\n")
-    print(markdown_table(["Method", *report["columns"]], report["table"]))
+    print(markdown_table(["Method", *report.columns], report.table))
 
 
-def main_pipeline(config_path: str, output: str | None, overrides: Sequence[str], overwrite: bool = False) -> int:
+def main_pipeline(config: str | os.PathLike | PipelineConfig, output: str | None, overrides: Sequence[str] = (),
+                  overwrite: bool = False) -> int:
     """``poc-lora pipeline --config CONFIG.yaml [--output DIR] [--overwrite] [--key value ...]``."""
-    report = run_pipeline(config_path, output, overrides, overwrite=overwrite)
+    report = run_pipeline(config, output, overrides, overwrite=overwrite)
     if report:
         _print_report(report, "Pipeline report")
-        print(f"\nreport: {report['files']['report_md']}  plot: {report['files']['report_png']}")
+        print(f"\nreport: {report.files['report_md']}  plot: {report.files['report_png']}")
     return 0
 
 
 # ---------------------------------------------------------------------------- demo
 DEMO_CONFIG = REPO_ROOT / "configs" / "pipeline" / "tiny_cpu.yaml"
 # --quick: small enough for CI (about a minute on 2 cores), still every stage for real.
-QUICK_OVERRIDES = ["--num_adapters", "2", "--eval_limit", "16",
-                   "--train_overrides", "{max_steps: 12, save_steps: 6, logging_steps: 4}"]
+QUICK_OVERRIDES = ["--num_adapters", "2", "--eval.limit", "16", "--max_steps", "12", "--save_steps", "6",
+                   "--logging_steps", "4"]
 # `demo --model NAME`: the pipeline config, where under --output it writes, its --quick overrides.
 DEMO_MODELS: dict[str, tuple[Path, str, list[str]]] = {
     "tiny": (DEMO_CONFIG, "pipeline", QUICK_OVERRIDES),
     "smollm2": (REPO_ROOT / "configs" / "pipeline" / "smollm2_cpu.yaml", "smollm2",
-                ["--num_adapters", "2", "--eval_limit", "2", "--eval_tasks", "boolq,piqa",
-                 "--train_overrides", "{max_steps: 2, save_steps: 2, logging_steps: 1, cutoff_len: 128}"]),
+                ["--num_adapters", "2", "--eval.limit", "2", "--eval.tasks", "boolq,piqa", "--max_steps", "2",
+                 "--save_steps", "2", "--logging_steps", "1", "--cutoff_len", "128"]),
 }
 
 
@@ -460,7 +562,7 @@ def main_demo(args: argparse.Namespace) -> int:
     result = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, model=model)
     if result["figure1"] is None:
         _print_report(result["pipeline"], f"{model} pipeline: single adapters vs. their PoC merge (accuracy %)")
-        print(f"\nreport: {result['pipeline']['files']['report_md']}")
+        print(f"\nreport: {result['pipeline'].files['report_md']}")
         print(f"time: pipeline {result['seconds']['pipeline']:.0f} s")
         return 0
     _print_report(result["pipeline"], "Tiny pipeline: single adapters vs. their PoC merge (accuracy %)")
@@ -468,11 +570,11 @@ def main_demo(args: argparse.Namespace) -> int:
     md = next(Path(p) for p in fig["files"].values() if str(p).endswith(".md"))
     print("\n" + md.read_text().replace("# Figure 1", "## MFNN Figure 1", 1))
     print("\nfiles:")
-    for name, path in {**result["pipeline"]["files"], **fig.get("files", {})}.items():
+    for name, path in {**result["pipeline"].files, **fig.get("files", {})}.items():
         print(f"  {name}: {path}")
     secs = result["seconds"]
     print(f"\ntime: pipeline {secs['pipeline']:.0f} s, MFNN Figure 1 {secs['mfnn_figure1']:.0f} s")
     return 0
 
 
-__all__ = ["PipelineConfig", "main_demo", "main_pipeline", "run_demo", "run_pipeline"]
+__all__ = ["PipelineConfig", "PipelineReport", "main_demo", "main_pipeline", "pipeline_key_parser", "run_demo", "run_pipeline"]

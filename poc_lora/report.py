@@ -140,14 +140,14 @@ def _pyplot():
 
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure as PNG through a temporary file (deterministic metadata)."""
+    from .outputs import atomic_write
+
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight",
+                                                          metadata={"Software": None}), suffix=".png")
+    finally:
+        plt.close(fig)
 
 
 def plot_heatmap(

@@ -63,11 +63,18 @@ def changed_settings(directory: str | os.PathLike, settings: dict[str, Any]) -> 
     marker = read_stage(directory)
     if marker is None:
         return ["not computed yet"]
-    old = marker.get("settings", {})
-    if not isinstance(old, dict):
+    return differing_keys(marker.get("settings", {}), settings)
+
+
+def differing_keys(recorded: Any, settings: dict[str, Any]) -> list[str]:
+    """The keys whose value differs between ``recorded`` settings (as read from a JSON file) and
+    ``settings`` (compared as JSON, so paths and tuples equal their written form); the one
+    comparison behind every "is this output current?" check, including the evaluation pairs
+    whose settings live in their ``summary.json``."""
+    if not isinstance(recorded, dict):
         return ["<unreadable settings>"]
     norm = json.loads(json.dumps(settings, default=str))
-    return sorted(k for k in set(old) | set(norm) if old.get(k) != norm.get(k))
+    return sorted(k for k in set(recorded) | set(norm) if recorded.get(k) != norm.get(k))
 
 
 def is_current(directory: str | os.PathLike, settings: dict[str, Any]) -> bool:
@@ -87,5 +94,5 @@ def clear_stage(directory: str | os.PathLike) -> None:
     (Path(directory) / STAGE_FILE).unlink(missing_ok=True)
 
 
-__all__ = ["STAGE_FILE", "changed_settings", "clear_stage", "is_current", "read_stage", "settings_hash",
+__all__ = ["STAGE_FILE", "changed_settings", "differing_keys", "clear_stage", "is_current", "read_stage", "settings_hash",
            "stage_hash", "write_stage"]

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,7 +50,7 @@ from .data.instructions import build_datasets, data_collator, load_records, reso
 from .data.templates import TEMPLATE_RECORD_FILE, get_template, template_record
 from .errors import ConfigError, OutputError
 from .models import load_model, load_tokenizer, quantization_config, resolve_model_path
-from .outputs import write_json
+from .outputs import staged_files, write_json
 from .stages import clear_stage, write_stage
 from .trainer import NoisyAdamWTrainer
 
@@ -250,9 +249,7 @@ def _replicas_identical(model: Any) -> bool | None:
 def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Path:
     """Adapter files into a temporary sibling, then moved into output_dir; the record goes last."""
     out = run.cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.adapter-", dir=out.parent))
-    try:
+    with staged_files(out) as tmp:
         # "auto" would look the base model up (a network call for a hub id) to see whether the
         # embeddings changed; they only can when the LoRA targets them.
         embeddings = any(m in ("embed_tokens", "lm_head") for m in run.cfg.lora.lora_target_modules)
@@ -260,10 +257,6 @@ def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Pa
         write_json(tmp / TEMPLATE_RECORD_FILE, template_record(run.template))
         run.cfg.save(tmp)
         write_training_card(tmp, run.cfg, record)  # replaces PEFT's empty README.md template
-        for item in tmp.iterdir():
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     write_json(out / DONE_FILE, record)
     return out
 

@@ -12,15 +12,15 @@ import argparse
 import logging
 import sys
 
-from poc_lora.cli import add_merge_arguments
+from poc_lora.cli import add_merge_arguments, merge_namespace
 from poc_lora.errors import PocLoraError
 from poc_lora.merge import main_merge
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_merge_arguments(parser)
-    args = parser.parse_args(argv)
+    keys = add_merge_arguments(parser)
+    args = merge_namespace(keys, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return main_merge(args)

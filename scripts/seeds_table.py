@@ -2,7 +2,7 @@
 """Mean ± sd over several pipeline runs (seeds) of the report's rows, plus the adapters' spread.
 
 Reads ``<run>/report.json`` of each pipeline output given (e.g. the same pipeline config run with
-``--train_overrides "{seed: S}"`` for three seeds S) and writes ``seeds_report.md`` and
+``--training.seed S`` for three seeds S) and writes ``seeds_report.md`` and
 ``seeds_report.json`` into ``--output``: one row per method (Base model, LoRA (best), LoRA (ave.),
 PoC merge, variants), each column as mean ± sample sd over the runs, and the spread diagnostic
 (mean pairwise relative distance of the adapters' ΔW) as mean ± sd. Runs without a report.json

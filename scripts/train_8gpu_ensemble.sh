@@ -21,5 +21,5 @@ NUM_GPUS=${NUM_GPUS:-8}
 NUM_ADAPTERS=${NUM_ADAPTERS:-8}
 cd "$(dirname "$0")/.."
 exec accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes "$NUM_GPUS" \
-    "$(command -v poc-lora)" ensemble --config "$CONFIG" --num-adapters "$NUM_ADAPTERS" \
+    "$(command -v poc-lora)" ensemble --config "$CONFIG" --num_adapters "$NUM_ADAPTERS" \
     --strategy parallel --merge "$@"

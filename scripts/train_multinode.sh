@@ -20,5 +20,5 @@ cd "$(dirname "$0")/.."
 exec accelerate launch --config_file configs/accelerate/multi_node.yaml \
     --num_machines "$NUM_NODES" --num_processes $((NUM_NODES * GPUS_PER_NODE)) \
     --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port "${MASTER_PORT:-29500}" \
-    "$(command -v poc-lora)" ensemble --config "$CONFIG" --num-adapters "$NUM_ADAPTERS" \
+    "$(command -v poc-lora)" ensemble --config "$CONFIG" --num_adapters "$NUM_ADAPTERS" \
     --strategy parallel --merge "$@"

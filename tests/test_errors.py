@@ -86,7 +86,7 @@ def _suites(root: Path) -> Path:
 
 
 def _eval(data_dir: Path, out: Path, *adapters: Path) -> list[str]:
-    return ["eval", "--base-model", "poc-lora/tiny-llama", "--data-dir", str(data_dir), "--mode", "rank",
+    return ["eval", "--base_model", "poc-lora/tiny-llama", "--data_dir", str(data_dir), "--mode", "rank",
             "--output", str(out), *[a for p in adapters for a in ("--adapter", str(p))]]
 
 
@@ -183,3 +183,31 @@ def test_cli_thread_defaults(monkeypatch, capsys):
         assert "error: --threads must be >= 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    """outputs.atomic_write: the one atomic file write (text, JSON, figures) never leaves a
+    partial file or its temporary behind, and replaces the old file only when complete."""
+    from poc_lora.outputs import atomic_write, atomic_write_text, staged_files
+
+    target = atomic_write_text(tmp_path / "a.txt", "old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    atomic_write(tmp_path / "b.png", lambda tmp: tmp.write_bytes(tmp.suffix.encode()), suffix=".png")
+    assert (tmp_path / "b.png").read_bytes() == b".png"  # the writer saw the suffix it needs
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint-1").mkdir()
+    with staged_files(tmp_path / "run") as tmp:
+        (tmp / "adapter_config.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter_config.json", "checkpoint-1"]
+    with pytest.raises(RuntimeError), staged_files(tmp_path / "run") as tmp:
+        (tmp / "adapter_model.safetensors").write_text("partial")
+        raise RuntimeError("interrupted")
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

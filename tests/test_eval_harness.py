@@ -335,16 +335,16 @@ def test_resume_skips_finished_pairs(env, ranked, monkeypatch):
     again = evaluate(str(env["base"]), [env["a0"], env["a1"]], [env["merged"]], data_dir=env["data"],
                      output=out, tasks=TASKS, mode="rank", limit=6, batch_size=2)
     assert calls == [] and pred.stat().st_mtime_ns == mtime
-    assert again["table"] == first["table"]
+    assert again.table == first.table
     with pytest.raises(OutputError, match="limit"):
         evaluate(str(env["base"]), [env["a0"]], data_dir=env["data"], output=out, tasks=TASKS, mode="rank", limit=5)
 
 
 def test_generate_mode_through_the_cli(env, capsys):
     out = env["root"] / "out-gen"
-    argv = ["eval", "--base-model", str(env["base"]), "--adapter", str(env["a0"]), "--data-dir", str(env["data"]),
-            "--tasks", "winogrande", "--limit", "3", "--num-beams", "2", "--max-new-tokens", "4",
-            "--batch-size", "2", "--output", str(out)]
+    argv = ["eval", "--base_model", str(env["base"]), "--adapter", str(env["a0"]), "--data_dir", str(env["data"]),
+            "--tasks", "winogrande", "--limit", "3", "--num_beams", "2", "--max_new_tokens", "4",
+            "--batch_size", "2", "--output", str(out)]
     assert cli_main(argv) == 0
     assert "| LoRA | a0 |" in capsys.readouterr().out
     summary = json.loads((out / "a0" / "winogrande" / "summary.json").read_text())
@@ -390,7 +390,7 @@ def test_missing_suite_dir_and_unknown_task(env, capsys):
         evaluate(str(env["base"]), data_dir=env["root"] / "nope", output=out, tasks="piqa", mode="rank")
     with pytest.raises(ConfigError, match="valid tasks: social_i_qa, piqa"):
         evaluate(str(env["base"]), data_dir=env["data"], output=out, tasks="piqa,siqa", mode="rank")
-    assert cli_main(["eval", "--base-model", str(env["base"]), "--data-dir", str(env["data"]),
+    assert cli_main(["eval", "--base_model", str(env["base"]), "--data_dir", str(env["data"]),
                      "--tasks", "bogus", "--output", str(out)]) == 1
     assert "unknown task 'bogus'" in capsys.readouterr().err
     assert not out.exists()
@@ -409,9 +409,30 @@ def test_adapter_that_does_not_fit_the_base(env):
 
 def test_eval_cli_takes_brace_expanded_and_repeated_adapters():
     """README: `--adapter runs/x/adapter_{0..2}` expands to one flag with several directories."""
-    from poc_lora.cli import build_parser
+    from poc_lora.cli import parse_command
 
-    argv = ["eval", "--base-model", "b", "--data-dir", "d", "--output", "o",
-            "--adapter", "a_0", "a_1", "a_2", "--merged-adapter", "m", "--adapter", "a_3"]
-    args = build_parser().parse_args(argv)
-    assert args.adapter == ["a_0", "a_1", "a_2", "a_3"] and args.merged_adapter == ["m"]
+    for spelling in ("_", "-"):  # the old dashed spellings still parse (with a deprecation warning)
+        argv = [f"--base{spelling}model", "b", f"--data{spelling}dir", "d", "--output", "o",
+                "--adapter", "a_0", "a_1", "a_2", f"--merged{spelling}adapter", "m", "--adapter", "a_3"]
+        args, sections = parse_command("eval", argv)
+        assert args.adapter == ["a_0", "a_1", "a_2", "a_3"] and args.merged_adapter == ["m"]
+        assert args.base_model == "b" and sections["eval"] == {"data_dir": "d"}
+
+
+def test_typed_result_is_the_summary_file(ranked):
+    """evaluate() returns an EvalResult whose to_dict() is summary.json, and which loads back."""
+    from eval_harness.results import EvalResult, SuiteResult
+
+    out, result = ranked
+    on_disk = json.loads((out / "summary.json").read_text())
+    loaded = EvalResult.load(out / "summary.json")
+    assert loaded.to_dict() == on_disk  # the file's layout, exactly
+    # The resume test may have rewritten summary.json (its timing); everything else is this result.
+    assert {k: v for k, v in result.to_dict().items() if k != "seconds"} == \
+        {k: v for k, v in on_disk.items() if k != "seconds"}
+    pair = json.loads((out / "a0" / "boolq" / "summary.json").read_text())
+    assert SuiteResult.from_dict(pair) == result.models["a0"].suites["boolq"]
+    assert result.models["a0"].average == pytest.approx(
+        sum(s["accuracy"] for s in on_disk["models"]["a0"]["suites"].values()) / len(on_disk["tasks"]))
+    with pytest.raises(OutputError, match="missing"):
+        EvalResult.from_dict({"mode": "rank"}, "x.json")

@@ -165,7 +165,8 @@ def test_rerun_skips_finished_stages(demo_run):
     before = [p.stat().st_mtime_ns for p in watched]
     report = run_pipeline(DEMO_CONFIG, pipe, QUICK_OVERRIDES)
     assert [p.stat().st_mtime_ns for p in watched] == before
-    assert report["table"][2]["Method"] == "PoC merge"
+    assert report.table[2]["Method"] == "PoC merge"
+    assert report.to_dict() == json.loads((pipe / "report.json").read_text())  # the typed report is the file
 
 
 def test_bad_pipeline_config_names_the_key(tmp_path, capsys):
@@ -208,7 +209,7 @@ def test_changed_merge_rank_recomputes_the_svd_merge_and_its_label(demo_run):
     report = run_pipeline(DEMO_CONFIG, pipe, [*QUICK_OVERRIDES, "--merge_rank", "8"])
     after = _mtimes(pipe)
     assert _lora_rank(pipe / "merges" / "svd") == 8 and _lora_rank(pipe / "merges" / "prune") == 8
-    labels = [r["Method"] for r in report["table"]]
+    labels = [r["Method"] for r in report.table]
     assert "PoC merge, SVD rank 8" in labels and "PoC merge, pruned to 8" in labels
     assert "PoC merge, SVD rank 8" in (pipe / "report.md").read_text()
     changed = {p for p in after if before.get(p) != after[p]}
@@ -223,15 +224,15 @@ def test_changed_merge_rank_recomputes_the_svd_merge_and_its_label(demo_run):
     # back to the default rank: labelled from what is on disk again
     report = run_pipeline(DEMO_CONFIG, pipe, QUICK_OVERRIDES)
     assert _lora_rank(pipe / "merges" / "svd") == 16
-    assert "PoC merge, SVD rank 16" in [r["Method"] for r in report["table"]]
+    assert "PoC merge, SVD rank 16" in [r["Method"] for r in report.table]
 
 
 def test_readme_sequence_more_adapters_then_demo_again_needs_no_flags(demo_run, capsys):
-    """README: `pipeline --num_adapters 8 --eval_limit 50` after the demo, then `demo` again (quick sizes)."""
+    """README: `pipeline --num_adapters 8 --eval.limit 50` after the demo, then `demo` again (quick sizes)."""
     pipe = demo_run / "pipeline"
     cfg = str(DEMO_CONFIG)
     assert main(["pipeline", "--config", cfg, "--output", str(pipe), *QUICK_OVERRIDES,
-                 "--num_adapters", "3", "--eval_limit", "8"]) == 0
+                 "--num_adapters", "3", "--eval.limit", "8"]) == 0
     report = json.loads((pipe / "report.json").read_text())
     assert len(report["adapters"]) == 3 and report["config"]["eval_limit"] == 8
     rows = [json.loads(line) for line in (pipe / "eval" / "poc" / "boolq" / "predictions.jsonl").read_text().splitlines()]
@@ -252,7 +253,7 @@ def test_report_says_what_it_is_draws_chance_and_rounds_like_the_eval_table(demo
     report = json.loads((pipe / "report.json").read_text())
     assert report["what"] == "synthetic suites, tiny model, rank-mode scoring"
     # chance: a uniform guess among the options written in each evaluated question
-    limit = PipelineConfig.from_yaml(DEMO_CONFIG, QUICK_OVERRIDES).eval_limit
+    limit = PipelineConfig.from_yaml(DEMO_CONFIG, QUICK_OVERRIDES).eval.limit
     data_dir = Path(json.loads((pipe / "eval" / "summary.json").read_text())["data_dir"])
     for s in SUITE_ORDER:
         records = json.loads((data_dir / s / "test.json").read_text())[:limit]

@@ -310,6 +310,6 @@ def test_tasks_available_evaluates_the_suites_a_directory_holds(tmp_path):
     assert [s.name for s in available_suites(tmp_path / "data")] == ["piqa", "boolq"]
     result = evaluate(TINY_MODEL_ID, data_dir=tmp_path / "data", output=tmp_path / "eval", tasks="available",
                       mode="rank")
-    assert result["tasks"] == ["piqa", "boolq"]
+    assert result.tasks == ["piqa", "boolq"]
     with pytest.raises(ConfigError, match="holds no"):
         available_suites(tmp_path)

@@ -1,10 +1,12 @@
 """Settings of the mean-field experiments and YAML loading: the paper's values
 (Nitanda et al., ICML 2025, arXiv:2502.05784, §5.1 and Appendix B) where it gives them.
 
-The paper's settings live here as plain dicts, so the experiments run without any file;
-``configs/mfnn/*.yaml`` hold the same values as editable templates (a test keeps the two
-equal). A YAML file or a dict overrides any key; the ``quick:`` section lists the overrides
-applied by ``--quick``. Unknown keys raise :class:`~poc_lora.errors.ConfigError`.
+The paper's settings live here, and only here, as plain dicts (:data:`PAPER_SETTINGS`), so the
+experiments run without any file; ``configs/mfnn/*.yaml`` are override files that set only what
+differs (``poc-lora mfnn EXPERIMENT --help`` lists every key with its paper value, from
+:data:`KEY_HELP`). A YAML file, a dict or ``--key value`` overrides any key (nested:
+``--data.n 300``); the ``quick:`` section lists the overrides applied by ``--quick``. Unknown keys
+raise :class:`~poc_lora.errors.ConfigError`.
 
 Example:
     >>> from poc_lora.mfnn.config import resolve_settings
@@ -161,3 +163,140 @@ def resolve_settings(
     _validate(settings, where)
     settings["quick_mode"] = bool(quick)
     return settings
+
+
+# ------------------------------------------------------------------ command-line keys
+# What each key means (the --help text and docs/config.md).
+KEY_HELP = {
+    "loss": "logistic (classification); squared: (f - y)^2 / 2; squared_unhalved: (f - y)^2",
+    "R": "h(x, z) = R tanh(x3) tanh(x1.z + x2)",
+    "eta": "step size",
+    "lam": "temperature lambda (noise sqrt(2 lambda eta))",
+    "lams": "the temperatures lambda of the grid",
+    "weight_decay": "lambda' (L2 coefficient)",
+    "epochs": "epochs (figure1: full-batch steps)",
+    "wide_width": "N_inf, the stand-in for the mean-field limit",
+    "widths": "network widths N",
+    "num_networks": "networks trained per width (M_max)",
+    "num_draws": "random draws of M networks per (N, M)",
+    "num_seeds": "seeds seed, ..., seed + num_seeds - 1 (each a new data draw, initialisation and noise)",
+    "batch_size": "samples per MFLD step (an epoch is one pass); null: one full-batch step per epoch",
+    "init_std": "particles start from N(0, init_std^2 I)",
+    "order": "data order per epoch: shared by the networks of a seed, or per_network",
+    "workers": "CPU threads (null: the CPUs available)",
+    "device": "torch device",
+    "data.n": "number of points (train + test)",
+    "data.noise": "label noise of the double circle",
+    "data.radii": "radii of the two circles (labels -1, +1)",
+    "data.test_fraction": "held-out fraction",
+    "data.d": "input dimension (inputs uniform in the radius ball of R^d)",
+    "data.k": "y = (rbar/k) sum_{j<=k} tanh(z_j)",
+    "data.rbar": "target scale rbar",
+    "data.radius": "radius of the input ball",
+}
+# `poc-lora mfnn EXPERIMENT` -> the PAPER_SETTINGS entries whose keys it takes (figure1: both tasks).
+EXPERIMENT_SETTINGS = {"figure1": ("figure1_classification", "figure1_regression"),
+                       "figure2": ("figure2",), "table2": ("lambda_grid",)}
+# Own options of the command (not keys): --task, --seed.
+_NOT_KEYS = {"quick", "task", "seed"}
+
+
+def _value(text: str) -> Any:
+    """A command-line value: int, float, true/false, null, or a comma-separated list of those."""
+    if "," in text or text.startswith("["):
+        return [_value(t) for t in text.strip("[]").split(",") if t.strip()]
+    text = text.strip()
+    low = text.lower()
+    if low in ("null", "none", "~"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def experiment_keys(experiment: str) -> dict[str, tuple[Any, str]]:
+    """``{key: (default, note)}`` of ``poc-lora mfnn EXPERIMENT`` (nested keys dotted: ``data.n``),
+    from :data:`PAPER_SETTINGS` (the one source); ``note`` gives another task's default where
+    they differ."""
+    keys: dict[str, tuple[Any, str]] = {}
+    for i, name in enumerate(EXPERIMENT_SETTINGS[experiment]):
+        task = PAPER_SETTINGS[name]["task"]
+        flat = {k: v for k, v in PAPER_SETTINGS[name].items() if k not in _NOT_KEYS and k != "data"}
+        flat.update({f"data.{k}": v for k, v in PAPER_SETTINGS[name]["data"].items()})
+        for key, value in flat.items():
+            if key not in keys:
+                keys[key] = (value, "" if i == 0 else f"{task} only")
+            elif keys[key][0] != value:
+                keys[key] = (keys[key][0], f"{task}: {value}")
+    return keys
+
+
+class MfnnKeys:
+    """The ``mfnn`` section's keys on one experiment's parser: ``--key value`` and
+    ``--mfnn.key value`` (nested: ``--data.n 300``, ``--mfnn.data.n 300``). Their defaults (the
+    paper's) are shown in ``--help`` but not applied, so a ``--config`` file's values stand
+    unless a key is given."""
+
+    def __init__(self, parser: Any, experiment: str) -> None:
+        import argparse
+
+        group = parser.add_argument_group("mfnn keys", "the paper's settings (PAPER_SETTINGS); override any")
+        self.dests = []
+        for key, (default, note) in experiment_keys(experiment).items():
+            dest = f"mfnn.{key}"
+            group.add_argument(f"--{key}", f"--mfnn.{key}", dest=dest, type=_value, default=argparse.SUPPRESS,
+                               metavar="VALUE",
+                               help=f"{KEY_HELP.get(key, key)}; paper: {default!r}{' (' + note + ')' if note else ''}")
+            self.dests.append(dest)
+
+    def split(self, args: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
+        """The namespace without the keys, and ``{"mfnn": {key: value}}`` for the keys given."""
+        given: dict[str, Any] = {}
+        for dest in self.dests:
+            if hasattr(args, dest):
+                given[dest[len("mfnn."):]] = getattr(args, dest)
+                delattr(args, dest)
+        return args, {"mfnn": given}
+
+
+def add_mfnn_keys(parser: Any, experiment: str) -> MfnnKeys:
+    """Add the mfnn keys of ``experiment`` (figure1, figure2, table2) to ``parser``."""
+    return MfnnKeys(parser, experiment)
+
+
+def with_overrides(config: str | os.PathLike | Mapping[str, Any] | None, overrides: Mapping[str, Any],
+                   experiment: str) -> str | os.PathLike | Mapping[str, Any] | None:
+    """``config`` (YAML path, mapping or None) with the command-line keys ``overrides``
+    (``{"epochs": 3, "data.n": 300}``) applied last, also over ``--quick``'s reduced grid;
+    ``experiment`` is the :data:`PAPER_SETTINGS` key (whose ``quick`` section applies when the
+    config has none).
+
+    Example:
+        >>> with_overrides(None, {"data.n": 300, "epochs": 3}, "figure2")["quick"]["epochs"]
+        3
+    """
+    if not overrides:
+        return config
+    merged: dict[str, Any] = {}
+    if isinstance(config, Mapping):
+        merged = copy.deepcopy(dict(config))
+    elif config is not None:
+        merged = read_yaml(config)
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key.startswith("data."):
+            nested.setdefault("data", {})[key[len("data."):]] = value
+        else:
+            nested[key] = value
+    quick = merged.get("quick", PAPER_SETTINGS[experiment]["quick"])
+    quick = copy.deepcopy(quick) if isinstance(quick, dict) else quick
+    _apply(merged, copy.deepcopy(nested))
+    if isinstance(quick, dict):
+        _apply(quick, copy.deepcopy(nested))
+    merged["quick"] = quick
+    return merged
