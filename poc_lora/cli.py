@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import PocLoraError
+from .merge.methods import method_names, methods_help
 
 EXIT_USER_ERROR = 1
 EXIT_NOT_IMPLEMENTED = 2
@@ -80,9 +81,8 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
                    help="PEFT LoRA adapter directories, or one directory holding several")
     p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
-    p.add_argument("--method", choices=["poc", "svd", "prune", "soup"], default="poc",
-                   help="poc: exact concatenation (default); svd/prune: rank K; soup: baseline")
-    p.add_argument("--rank", type=int, default=None, help="target rank K for svd/prune")
+    p.add_argument("--method", choices=method_names(), default="poc", help=methods_help())
+    p.add_argument("--rank", type=int, default=None, help=f"target rank K for {'/'.join(method_names(lambda m: m.needs_rank))}")
     p.add_argument("--weights", type=lambda s: [float(x) for x in _split_list(s)], default=None,
                    help="comma-separated weights w_j (default 1/M each); negative allowed")
     p.add_argument("--base-model", default=None, help="base model path or hub id")
@@ -90,7 +90,8 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
                    help="write a full model (base + merged update) instead of an adapter")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the written tensors (default: that of the inputs)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method prune")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"seed for --method {'/'.join(method_names(lambda m: m.uses_seed))}")
     p.add_argument("--allow-different-base", action="store_true",
                    help="merge adapters whose base_model_name_or_path differ")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

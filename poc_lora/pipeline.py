@@ -41,16 +41,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, OutputError
+from .merge.methods import get_method, method_names
 
 logger = logging.getLogger(__name__)
 
-# Row labels of the report, per merge method. Only ``poc`` is the paper's method.
-MERGE_LABELS = {
-    "poc": "PoC merge",
-    "svd": "PoC merge, SVD rank {rank}",
-    "prune": "PoC merge, pruned to {rank}",
-    "soup": "Soup (A, B averaged; baseline)",
-}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -99,9 +93,9 @@ class PipelineConfig:
     def validate(self) -> None:
         if self.num_adapters < 1:
             raise ConfigError(f"num_adapters must be >= 1, got {self.num_adapters}")
-        bad = [m for m in self.merge_methods if m not in MERGE_LABELS]
+        bad = [m for m in self.merge_methods if m not in method_names()]
         if bad or not self.merge_methods:
-            raise ConfigError(f"merge_methods: unknown method {bad[:1]}; valid: {', '.join(MERGE_LABELS)}")
+            raise ConfigError(f"merge_methods: unknown method {bad[:1]}; valid: {', '.join(method_names())}")
         if self.eval_mode not in ("rank", "generate"):
             raise ConfigError(f"eval_mode must be 'rank' or 'generate', got {self.eval_mode!r}")
 
@@ -142,10 +136,11 @@ def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
 def _merge_settings(cfg: PipelineConfig, method: str, adapters: list[Path]) -> dict[str, Any]:
     from .stages import stage_hash
 
+    spec = get_method(method)
     rank = None
-    if method in ("svd", "prune"):
+    if spec.needs_rank:
         rank = cfg.merge_rank if cfg.merge_rank is not None else _adapter_rank(adapters[0])
-    return {"method": method, "rank": rank, "seed": cfg.merge_seed if method == "prune" else None,
+    return {"method": method, "rank": rank, "seed": cfg.merge_seed if spec.uses_seed else None,
             "adapters": [str(a) for a in adapters], "adapter_stages": [stage_hash(a) for a in adapters]}
 
 
@@ -182,8 +177,9 @@ def _adapter_rank(adapter: Path) -> int:
 
 
 def _label(method: str, merged: Path) -> str:
-    """The report label of the merge in ``merged``, with the rank of the adapter written there."""
-    return MERGE_LABELS[method].format(rank=_adapter_rank(merged))
+    """The report label of the merge in ``merged`` (the method registry's), with the rank of the
+    adapter written there."""
+    return get_method(method).row_label(_adapter_rank(merged))
 
 
 def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merges: dict[str, Path],
