@@ -192,7 +192,8 @@ def check_rank(name: str, rank: int | None) -> None:
         if rank is None or rank <= 0:
             raise ConfigError(f"--method {name} needs a positive --rank K, got {rank}")
     elif rank is not None:
-        raise ConfigError(f"--rank is only used by --method {'/'.join(method_names(lambda m: m.needs_rank))}, not {name}")
+        users = "/".join(method_names(lambda m: m.needs_rank))
+        raise ConfigError(f"--rank is only used by --method {users}, not {name}")
 
 
 def methods_help() -> str:
