@@ -49,7 +49,7 @@ class ModuleMerger:
     def __init__(self, plan: MergePlan):
         self.plan = plan
         self.generator = torch.Generator().manual_seed(plan.seed)
-        self.weights = torch.tensor(plan.weights)
+        self.weights = tuple(plan.weights)
         # scratch tensors by (tag, shape, parity); modules alternate parity so module i+1 can be
         # read while module i's results are still being written by the background writer
         self._buffers: dict[tuple[str, tuple[int, ...], int], torch.Tensor] = {}

@@ -101,7 +101,7 @@ def module_stats(stack: LoraStack, gb: torch.Tensor, ga: torch.Tensor, out: Fact
     exact method, else ``||out||^2 + ||target||^2 - 2 <out, target>`` from small Gram products.
     """
     p = gram_inner(gb, ga, stack.sizes)
-    w = stack.weights
+    w = stack.weight_tensor
     norm_sq = float(w @ p @ w)
     if out.err_sq is not None:
         err_sq = out.err_sq

@@ -47,13 +47,13 @@ class LoraStack:
     """The M adapters' factors of one module, the input of every merge method.
 
     ``a``: ``[A_1; ...; A_M]``, shape (N, in), N = sum_j r_j. ``b``: ``[s_1 B_1 ... s_M B_M]``,
-    shape (out, N), each B_j times PEFT's scale s_j (alpha/r, or alpha/sqrt(r) with rsLoRA).
-    ``weights``: w_j, shape (M,), float32. ``sizes``: r_j. All float32; never modified.
+    shape (out, N), each B_j times PEFT's scale s_j (alpha/r, or alpha/sqrt(r) with rsLoRA);
+    both float32, never modified. ``weights``: w_j as given (Python floats). ``sizes``: r_j.
     """
 
     a: torch.Tensor
     b: torch.Tensor
-    weights: torch.Tensor
+    weights: tuple[float, ...]
     sizes: tuple[int, ...]
 
     @property
@@ -73,9 +73,15 @@ class LoraStack:
         return out
 
     @cached_property
+    def weight_tensor(self) -> torch.Tensor:
+        """w_j as a float32 tensor, shape (M,)."""
+        return self.a.new_tensor(self.weights, dtype=self.a.dtype)
+
+    @cached_property
     def column_weights(self) -> torch.Tensor:
         """w_j repeated r_j times: the weight of each neuron, shape (N,)."""
-        return self.weights.repeat_interleave(self.weights.new_tensor(self.sizes).long())
+        w = self.weight_tensor
+        return w.repeat_interleave(w.new_tensor(self.sizes).long())
 
     @cached_property
     def weighted_b(self) -> torch.Tensor:

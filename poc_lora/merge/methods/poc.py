@@ -7,7 +7,7 @@ a negative weight needs no special case, and B is rounded once.
 Example:
     >>> import torch
     >>> from poc_lora.merge.methods import LoraStack, get_method
-    >>> st = LoraStack(torch.ones(2, 3), torch.ones(4, 2), torch.tensor([0.5, 0.5]), (1, 1))
+    >>> st = LoraStack(torch.ones(2, 3), torch.ones(4, 2), (0.5, 0.5), (1, 1))
     >>> get_method("poc")(st).b.shape
     torch.Size([4, 2])
 """

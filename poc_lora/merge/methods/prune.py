@@ -6,7 +6,7 @@ mean-field network obeys the same kind of bound). Reproducible from the generato
 Example:
     >>> import torch
     >>> from poc_lora.merge.methods import LoraStack, get_method
-    >>> st = LoraStack(torch.ones(4, 3), torch.ones(5, 4), torch.tensor([0.5, 0.5]), (2, 2))
+    >>> st = LoraStack(torch.ones(4, 3), torch.ones(5, 4), (0.5, 0.5), (2, 2))
     >>> get_method("prune")(st, 3, torch.Generator().manual_seed(0)).b.shape
     torch.Size([5, 3])
 """

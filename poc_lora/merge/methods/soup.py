@@ -6,7 +6,7 @@ mean(B) mean(A) != mean(B A). Needs equal ranks; the weights must not sum to 0.
 Example:
     >>> import torch
     >>> from poc_lora.merge.methods import LoraStack, get_method
-    >>> st = LoraStack(torch.ones(2, 3), torch.ones(4, 2), torch.tensor([0.5, 0.5]), (1, 1))
+    >>> st = LoraStack(torch.ones(2, 3), torch.ones(4, 2), (0.5, 0.5), (1, 1))
     >>> get_method("soup")(st).a.shape
     torch.Size([1, 3])
 """
@@ -23,11 +23,10 @@ if TYPE_CHECKING:
 
 def soup_merge(stack: LoraStack, rank: int | None = None, generator: torch.Generator | None = None) -> Factors:
     """``b = sum_j w_j s_j B_j`` (out x r), ``a = sum_j (w_j / sum w) A_j`` (r x in); new tensors."""
-    weights = stack.weights.tolist()
-    wsum = float(stack.weights.sum())
+    wsum = float(stack.weight_tensor.sum())
     blocks = stack.blocks()
-    b = sum(wj * stack.b[:, blk] for wj, blk in zip(weights, blocks))
-    a = sum((wj / wsum) * stack.a[blk] for wj, blk in zip(weights, blocks))
+    b = sum(wj * stack.b[:, blk] for wj, blk in zip(stack.weights, blocks))
+    a = sum((wj / wsum) * stack.a[blk] for wj, blk in zip(stack.weights, blocks))
     return Factors(b, a)
 
 

@@ -10,7 +10,7 @@ Then ``B' A' = Q1 (R1 R2^T) Q2^T`` and the SVD of the small core gives the trunc
 Example:
     >>> import torch
     >>> from poc_lora.merge.methods import LoraStack, get_method
-    >>> st = LoraStack(torch.randn(4, 3), torch.randn(5, 4), torch.tensor([0.5, 0.5]), (2, 2))
+    >>> st = LoraStack(torch.randn(4, 3), torch.randn(5, 4), (0.5, 0.5), (2, 2))
     >>> get_method("svd")(st, 2).a.shape
     torch.Size([2, 3])
 """
