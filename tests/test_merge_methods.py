@@ -188,3 +188,13 @@ def test_report_statistics_are_typed_and_written_without_internal_fields(tmp_pat
     # the totals add the modules' squared norms: one module, so they agree
     assert written["overall"]["norm_merged"] == pytest.approx(st.norm_merged)
     assert written["overall"]["rel_error"] == pytest.approx(math.sqrt(st.err_sq / st.norm_sq))
+
+
+def test_reading_the_registry_does_not_import_torch():
+    """The CLI builds --method from the registry at start-up; torch would add seconds to --help."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from poc_lora.merge.methods import method_names; import poc_lora.cli, poc_lora.merge; "
+            "assert method_names() and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True)
