@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -37,6 +36,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_fr
 
 from .adapters import sha256_file
 from .citation import BIBTEX, PAPER, PAPER_URL
+from .merge.methods import get_method
 from .outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ TRAINING_KEY = "poc_lora_training"
 MERGE_KEY = "poc_lora_merge"
 _TRAIN_RECORD = "poc_lora_train.json"  # poc_lora.train.DONE_FILE (not imported: train imports us)
 _TRAIN_CONFIG = "poc_lora_config.json"
-_MERGE_TAGS = {"poc": ["poc-merge"], "svd": ["poc-merge", "svd"], "prune": ["poc-merge", "random-pruning"],
-               "soup": ["model-soup"]}
 _SECTION = re.compile(r"^## (.+)$", re.M)
 
 
@@ -360,7 +358,7 @@ def merge_values(report: Any) -> dict[str, Any]:
         "norm_dW": overall.get("norm_dW"),
         "norm_merged": overall.get("norm_merged"),
     }
-    if rep["method"] != "poc":  # svd / prune / soup: distance of the written update to the exact merge
+    if not get_method(rep["method"]).exact:  # svd / prune / soup: distance of the written update to the exact merge
         values["rel_error"] = overall.get("rel_error")
     return values
 
@@ -388,7 +386,8 @@ def merge_card(directory: str | Path, report: Any) -> Any:
     v = merge_values(rep)
     configs, source_cards = _sources_info(v["sources"])
     temps = {c.get("temperature") for c in configs if c}
-    tags = list(_MERGE_TAGS.get(v["method"], [])) + ["merge"]
+    spec = get_method(v["method"])
+    tags = list(spec.tags) + ["merge"]
     if temps and all(t for t in temps) and all(configs):
         tags.append("noisy-adamw")
     licenses = {getattr(c.data, "license", None) for c in source_cards if c is not None}
@@ -408,15 +407,7 @@ def merge_card(directory: str | Path, report: Any) -> Any:
     meta["datasets"] = datasets
     m = v["num_adapters"]
     what = "merged into the base model's weights" if v["merge_into_base"] else "a LoRA adapter (PEFT)"
-    method_line = {
-        "poc": f"the exact PoC merge: a LoRA of rank Σ_j r_j whose B is [w_1 s_1 B_1 … w_M s_M B_M] and whose A "
-               f"stacks the A_j, written with scale 1 (lora_alpha = r)",
-        "svd": f"the best rank-{v['rank']} approximation (truncated SVD) of the PoC merge",
-        "prune": f"a random subset of {v['rank']} of the Σ_j r_j neurons of the PoC merge, scaled by N/K "
-                 f"(random pruning, seed {v['seed']}), whose expectation is the merge",
-        "soup": "the average of the A's and of the B's separately (a model-soup baseline; NOT the paper's method, "
-                "since mean(B)·mean(A) ≠ mean(B·A))",
-    }[v["method"]]
+    method_line = (spec.card_text or spec.description).format(rank=v["rank"], seed=v["seed"])
     src_rows = [(j, f"`{s['path']}`", f"`{s['sha256']}`", s["weight"], s["rank"], s["lora_alpha"],
                  "yes" if s["use_rslora"] else "no", s["scale"],
                  _num(configs[j].get("temperature")) if configs[j] else "n/a",
@@ -431,10 +422,10 @@ def merge_card(directory: str | Path, report: Any) -> Any:
     ]
     if "rel_error" in v:
         merge_rows.append(("relative Frobenius error of the written update vs the exact merge", v["rel_error"]))
-    merge_rows += [("dtype", v["dtype"])] + ([("seed", v["seed"])] if v["method"] == "prune" else [])
+    merge_rows += [("dtype", v["dtype"])] + ([("seed", v["seed"])] if spec.uses_seed else [])
     warnings = "".join(f"\n- warning: {w}" for w in rep.get("warnings", []))
     body = f"""
-# {"PoC merge" if v["method"] != "soup" else "Soup"} of {m} LoRA adapters for {base}
+# {spec.title} of {m} LoRA adapters for {base}
 
 {what[0].upper() + what[1:]}: {method_line}.
 

@@ -20,6 +20,7 @@ from .config import (CONFIG_FILE, GRAMMAR, SECTIONS, TRAIN_SECTIONS, EvalArgumen
                      ModelArguments, PipelineArguments, load_config, normalize_argv, section_class)
 from .errors import ConfigError, PocLoraError
 from .runtime import configure_threads
+from .merge.methods import method_names, methods_help
 
 EXIT_USER_ERROR = 1
 EXIT_NOT_IMPLEMENTED = 2
@@ -126,8 +127,7 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> object:
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
                    help="PEFT LoRA adapter directories, or one directory holding several")
     p.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
-    p.add_argument("--method", choices=["poc", "svd", "prune", "soup"], default="poc",
-                   help="poc: exact concatenation (default); svd/prune: rank K; soup: baseline")
+    p.add_argument("--method", choices=method_names(), default="poc", help=methods_help())
     p.add_argument("--base_model", default=None, help="base model path or hub id")
     p.add_argument("--merge_into_base", action="store_true",
                    help="write a full model (base + merged update) instead of an adapter")

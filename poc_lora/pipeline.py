@@ -58,16 +58,10 @@ from .models import TINY_MODEL_ID
 from .outputs import atomic_write_text, write_json
 from .report import accuracy_percentages, comparison_rows, markdown_table, plot_grouped_bars
 from .stages import changed_settings, clear_stage, is_current, stage_hash, write_stage
+from .merge.methods import get_method, method_names
 
 logger = logging.getLogger(__name__)
 
-# Row labels of the report, per merge method. Only ``poc`` is the paper's method.
-MERGE_LABELS = {
-    "poc": "PoC merge",
-    "svd": "PoC merge, SVD rank {rank}",
-    "prune": "PoC merge, pruned to {rank}",
-    "soup": "Soup (A, B averaged; baseline)",
-}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -178,10 +172,10 @@ class PipelineConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for a merge method the pipeline does not know."""
-        bad = [m for m in self.merge.methods if m not in MERGE_LABELS]
+        bad = [m for m in self.merge.methods if m not in method_names()]
         if bad or not self.merge.methods:
             raise ConfigError(f"merge.methods (earlier: merge_methods): unknown method {bad[:1]}; "
-                              f"valid: {', '.join(MERGE_LABELS)}")
+                              f"valid: {', '.join(method_names())}")
 
     def train_config(self, output_dir: str | os.PathLike) -> Any:
         """The :class:`~poc_lora.config.TrainConfig` of the ensemble: ``pipeline.train_config``
@@ -252,10 +246,11 @@ def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
 
 
 def _merge_settings(cfg: PipelineConfig, method: str, adapters: list[Path]) -> dict[str, Any]:
+    spec = get_method(method)
     rank = None
-    if method in ("svd", "prune"):
+    if spec.needs_rank:
         rank = cfg.merge.rank if cfg.merge.rank is not None else _adapter_rank(adapters[0])
-    return {"method": method, "rank": rank, "seed": cfg.merge.seed if method == "prune" else None,
+    return {"method": method, "rank": rank, "seed": cfg.merge.seed if spec.uses_seed else None,
             "adapters": [str(a) for a in adapters], "adapter_stages": [stage_hash(a) for a in adapters]}
 
 
@@ -287,8 +282,9 @@ def _adapter_rank(adapter: Path) -> int:
 
 
 def _label(method: str, merged: Path) -> str:
-    """The report label of the merge in ``merged``, with the rank of the adapter written there."""
-    return MERGE_LABELS[method].format(rank=_adapter_rank(merged))
+    """The report label of the merge in ``merged`` (the method registry's), with the rank of the
+    adapter written there."""
+    return get_method(method).row_label(_adapter_rank(merged))
 
 
 def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merges: dict[str, Path],

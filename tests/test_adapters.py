@@ -14,14 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_merge import make_adapter, make_base
 
-from poc_lora.adapters import (
-    SafetensorsStreamWriter,
-    TensorFile,
-    check_output_not_input,
-    load_adapter,
-    resolve_adapter_dirs,
-)
+from poc_lora.adapters import check_output_not_input, load_adapter, resolve_adapter_dirs
 from poc_lora.errors import AdapterError, OutputError
+from poc_lora.safetensors_io import SafetensorsStreamWriter, TensorFile
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,117 @@
+"""Writing a merge: the merged adapter, ``merge_report.json``, the prompt-template record and
+the model card, all into the temporary directory of an atomic output (:mod:`poc_lora.outputs`).
+
+The merged adapter is written tensor by tensor as each module is merged
+(:class:`~poc_lora.safetensors_io.SafetensorsStreamWriter`), with the first input's
+``adapter_config.json`` set to scale 1 per module (``r = lora_alpha`` = output rank, no rsLoRA),
+so PEFT applies exactly the written ``B @ A``.
+
+Example:
+    >>> with atomic_output_dir(out, overwrite=False) as tmp:  # doctest: +SKIP
+    ...     per_module = write_adapter(plan, tmp, ModuleMerger(plan))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import CONFIG_NAME, MERGE_REPORT_NAME, SAFETENSORS_NAME
+from ..cards import write_merge_card
+from ..data.templates import TEMPLATE_RECORD_FILE
+from ..outputs import write_json
+from ..safetensors_io import SafetensorsStreamWriter
+from .compute import ModuleMerger, merged_full_tensor
+from .plan import MergePlan
+from .stats import MergeReport, ModuleStats
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = MERGE_REPORT_NAME
+
+
+def adapter_config(plan: MergePlan) -> dict[str, Any]:
+    """The first input's config with scale 1 per module: r = lora_alpha = output rank."""
+    cfg = dict(plan.adapters[0].config)
+    counts = Counter(plan.out_ranks.values())
+    r = counts.most_common(1)[0][0]
+    # init_lora_weights=True: the output is a plain LoRA, whatever (allowlisted) init the inputs had;
+    # PEFT would otherwise re-run e.g. "orthogonal" (which needs an even rank) when loading it
+    cfg.update(r=r, lora_alpha=r, use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={},
+               init_lora_weights=True, lora_bias=plan.has_lora_bias, inference_mode=True, velora_config=None)
+    if len(counts) > 1:
+        # PEFT matches pattern keys as suffixes and takes the first hit, so list every module,
+        # longest name first: each module then finds its own entry before any shorter suffix.
+        names = sorted(plan.out_ranks, key=lambda n: (-len(n), n))
+        cfg["rank_pattern"] = {n: plan.out_ranks[n] for n in names}
+        cfg["alpha_pattern"] = {n: plan.out_ranks[n] for n in names}
+    return cfg
+
+
+def template_record(plan: MergePlan) -> dict[str, Any] | None:
+    """The inputs' prompt-template record (the first one, with a warning when they differ)."""
+    records = [ad.template_record for ad in plan.adapters]
+    present = [r for r in records if r is not None]
+    if not present:
+        return None
+    if len(present) != len(records) or any(r != present[0] for r in present):
+        msg = "the inputs' prompt-template records differ (or some have none); the first one was copied"
+        plan.warnings.append(msg)
+        logger.warning(msg)
+    return present[0]
+
+
+def _adapter_specs(plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    first = plan.adapters[0]
+    specs = []
+    for name in plan.module_names:
+        m, k = first.modules[name], plan.out_ranks[name]
+        specs.append((m.peft_key("A"), plan.out_dtype, (k, *m.a_shape[1:])))
+        specs.append((m.peft_key("B"), plan.out_dtype, (m.b_shape[0], k, *m.b_shape[2:])))
+        if any(ad.modules[name].bias_key for ad in plan.adapters):
+            specs.append((m.peft_key("bias"), plan.out_dtype, (m.b_shape[0],)))
+    for key in plan.full_keys:  # already in PEFT's layout
+        info = first.info(key)
+        specs.append((key, plan.out_dtype if info.dtype.is_floating_point else info.dtype, info.shape))
+    return specs
+
+
+def write_adapter(plan: MergePlan, tmp: Path, merger: ModuleMerger) -> dict[str, ModuleStats]:
+    """Write the merged adapter (weights + config) into ``tmp``; returns each module's statistics."""
+    specs = _adapter_specs(plan)
+    per_module: dict[str, ModuleStats] = {}
+    with SafetensorsStreamWriter(tmp / SAFETENSORS_NAME, specs, {"format": "pt"}, background=True) as writer:
+        for name in tqdm(plan.module_names, desc=f"merge ({plan.method.name})", unit="module"):
+            res = merger.merge(name)
+            m = plan.adapters[0].modules[name]
+            writer.write(m.peft_key("A"), res.a.to(plan.out_dtype))
+            writer.write(m.peft_key("B"), res.b.to(plan.out_dtype))
+            if res.bias is not None:
+                writer.write(m.peft_key("bias"), res.bias.to(plan.out_dtype))
+            per_module[name] = res.stats
+        for key, dtype, _ in specs[len(specs) - len(plan.full_keys):]:
+            writer.write(key, merged_full_tensor(plan, key).to(dtype))
+    write_json(tmp / CONFIG_NAME, adapter_config(plan))
+    return per_module
+
+
+def write_records(tmp: Path, report: MergeReport) -> None:
+    """``merge_report.json`` and the README.md model card, into ``tmp``."""
+    write_json(tmp / REPORT_NAME, report.to_dict())
+    write_merge_card(tmp, report)  # README.md model card, inside the atomic output
+
+
+def write_template_record(plan: MergePlan, tmp: Path) -> None:
+    """Copy the inputs' prompt-template record (``poc_lora_template.json``) when they have one."""
+    record = template_record(plan)
+    if record is not None:
+        write_json(tmp / TEMPLATE_RECORD_FILE, record)
+
+
+__all__ = ["REPORT_NAME", "adapter_config", "template_record", "write_adapter", "write_records",
+           "write_template_record"]
