@@ -36,7 +36,6 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_fr
 
 from .adapters import sha256_file
 from .citation import BIBTEX, PAPER, PAPER_URL
-from .merge.methods import get_method
 from .outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -332,8 +331,9 @@ def _source_values(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def merge_values(report: Any) -> dict[str, Any]:
-    """The merge essentials a card records, taken from a MergeReport (or its ``to_dict()``).
+def merge_values(report: Any, exact: bool = True) -> dict[str, Any]:
+    """The merge essentials a card records, taken from a MergeReport (or its ``to_dict()``);
+    ``exact``: whether the method writes the exact merge (else the distance to it is recorded).
 
     ``sources[j]``: path, sha256 of the weights file, weight w_j, r, lora_alpha, use_rslora, and the
     rank and scale s_j PEFT applies (one value, or the sorted distinct values when modules differ).
@@ -358,7 +358,7 @@ def merge_values(report: Any) -> dict[str, Any]:
         "norm_dW": overall.get("norm_dW"),
         "norm_merged": overall.get("norm_merged"),
     }
-    if not get_method(rep["method"]).exact:  # svd / prune / soup: distance of the written update to the exact merge
+    if not exact:  # svd / prune / soup: distance of the written update to the exact merge
         values["rel_error"] = overall.get("rel_error")
     return values
 
@@ -373,20 +373,22 @@ def _sources_info(sources: list[dict[str, Any]]) -> tuple[list[dict[str, Any] | 
     return configs, cards
 
 
-def merge_card(directory: str | Path, report: Any) -> Any:
-    """The card of a merge output ``directory`` (adapter, or full model with ``merge_into_base``).
+def merge_card(directory: str | Path, report: Any, method: Any) -> Any:
+    """The card of a merge output ``directory`` (adapter, or full model with ``merge_into_base``);
+    ``method`` is the merge method's registry entry (``poc_lora.merge.methods.get_method``: its
+    tags, card text and exactness), passed in so that cards stay below the merge package.
 
     Example:
-        >>> merge_card("runs/merged", report).data.library_name  # doctest: +SKIP
+        >>> merge_card("runs/merged", report, get_method(report.method)).data.library_name  # doctest: +SKIP
         'peft'
     """
     directory = Path(directory)
     rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     name = Path(rep["output"]).name  # ``directory`` may be the temporary sibling
-    v = merge_values(rep)
+    v = merge_values(rep, method.exact)
     configs, source_cards = _sources_info(v["sources"])
     temps = {c.get("temperature") for c in configs if c}
-    spec = get_method(v["method"])
+    spec = method
     tags = list(spec.tags) + ["merge"]
     if temps and all(t for t in temps) and all(configs):
         tags.append("noisy-adamw")
@@ -457,13 +459,13 @@ The exact values (from `merge_report.json`):
     return _card(meta, body)
 
 
-def write_merge_card(directory: str | Path, report: Any) -> Path:
+def write_merge_card(directory: str | Path, report: Any, method: Any) -> Path:
     """Write :func:`merge_card` as ``directory/README.md`` (replacing a base model's copied card).
 
     Example:
-        >>> write_merge_card(tmp, report)  # doctest: +SKIP
+        >>> write_merge_card(tmp, report, get_method(report.method))  # doctest: +SKIP
     """
-    return _write(Path(directory), merge_card(directory, report))
+    return _write(Path(directory), merge_card(directory, report, method))
 
 
 # ----------------------------------------------------------------------------- later additions

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from test_merge import dense_updates, make_adapter, make_base
 
 from poc_lora.cli import main
+from poc_lora.config import EvalArguments, MergeArguments, PipelineArguments
 from poc_lora.errors import ConfigError
 from poc_lora.merge import merge_adapters
 from poc_lora.merge.methods import Factors, LoraStack, MergeMethod, get_method, method_names, methods_markdown, \
@@ -158,7 +159,8 @@ def test_a_registered_method_reaches_cli_validation_labels_and_card(mean_method,
     assert report["method"] == "mean" and report["overall"]["rel_error"] > 0  # not the weighted merge
     card = (tmp_path / "m" / "README.md").read_text()
     assert "# Toy mean of 2 LoRA adapters" in card and "toy-mean" in card and "the toy mean" in card
-    PipelineConfig(train_config="x.yaml", merge_methods=["poc", "mean"]).validate()
+    PipelineConfig(pipeline=PipelineArguments(train_config="x.yaml"), merge=MergeArguments(methods=["poc", "mean"]),
+                   eval=EvalArguments()).validate()
     assert _label("mean", tmp_path / "m") == "Mean of products"
 
 

@@ -27,6 +27,7 @@ from ..data.templates import TEMPLATE_RECORD_FILE
 from ..outputs import write_json
 from ..safetensors_io import SafetensorsStreamWriter
 from .compute import ModuleMerger, merged_full_tensor
+from .methods import get_method
 from .plan import MergePlan
 from .stats import MergeReport, ModuleStats
 
@@ -103,7 +104,7 @@ def write_adapter(plan: MergePlan, tmp: Path, merger: ModuleMerger) -> dict[str,
 def write_records(tmp: Path, report: MergeReport) -> None:
     """``merge_report.json`` and the README.md model card, into ``tmp``."""
     write_json(tmp / REPORT_NAME, report.to_dict())
-    write_merge_card(tmp, report)  # README.md model card, inside the atomic output
+    write_merge_card(tmp, report, get_method(report.method))  # README.md model card, inside the atomic output
 
 
 def write_template_record(plan: MergePlan, tmp: Path) -> None:
