@@ -534,7 +534,7 @@ def train_lambda_grid(
     ``settings.order`` is ``"per_network"``), so a job's result does not depend on
     the thread count or the other jobs. ``workers`` threads (default :func:`grid_workers`)
     run the jobs with single-threaded kernels. Per-sample epochs (``batch_size=1``) on the
-    paper's grid are 2000 steps of 264 000 particles; see README "Mean-field networks".
+    paper's grid are 2000 steps of 264 000 particles; see docs/mfnn.md.
 
     Example:
         >>> from poc_lora.mfnn.data import multi_index
