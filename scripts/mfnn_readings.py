@@ -70,13 +70,14 @@ def main() -> None:
             f"{summary['monotone_columns']} of {summary['columns']} "
             f"({', '.join(map(str, summary['monotone_columns_per_seed']))})",
             f"{sum(ratios) / len(ratios):.2f}" if ratios else "-", f"{wall:.0f}",
+            f"{result['timing']['cpu_time_s']:.0f}",
         ])
         print(f"done {path.stem} in {wall:.0f} s", flush=True)
     lam_text = " / ".join(f"{lam:g}" for lam in lams)
     table = markdown_table(
         ["reading (config: settings)", "MFLD steps", "test Var(y)",
          f"merged MSE at N = {first}, λ = {lam_text} (mean ± sd over {settings['num_seeds']} seeds)",
-         "N-columns with MSE falling as λ grows (per seed)", "ours / paper, mean over cells", "wall s"], rows)
+         "N-columns with MSE falling as λ grows (per seed)", "ours / paper, mean over cells", "wall s", "CPU s"], rows)
     print(table)
     if args.output:
         atomic_write_text(args.output, table + "\n")

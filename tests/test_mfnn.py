@@ -318,6 +318,70 @@ def test_grid_noise_is_shared_and_has_variance_2_lambda_eta():
     torch.testing.assert_close(residuals[0], residuals[3][:3000], atol=2e-3, rtol=0)
 
 
+def test_grid_block_noise_has_the_covariance_of_explicit_draws():
+    """block_noise draws only the noise's projection on the block's inputs (plus a remainder at the
+    block's end); what the steps see and the final w must have exactly the joint law of
+    w_k = sum_{s<k} c_s xi_s with xi_s ~ N(0, I) drawn whole (covariance by formula)."""
+    data = multi_index(n=40, d=10, k=10, rbar=10.0, seed=0)
+    s = GridSettings(eta=0.02, weight_decay=0.3, epochs=1, batch_size=1)
+    net = _GridNetwork([0.1], [20000], data.dim, s, torch.Generator().manual_seed(0))
+    zaug = augmented_inputs(data.z_train[:4])
+    c = torch.tensor([1.0, 1.2, 0.7, 1.5])
+    pre, x3 = net.block_noise(zaug, [1, 1, 1, 1], c, torch.Generator().manual_seed(1))
+    p = zaug.shape[1]
+    assert 4 * (4 + 1) + p < 4 * p  # the subspace path
+    # features per row: w_j . zaug_j (j = 0..3), w_k[:, -1] (k = 0..3), w_end (p columns)
+    feats = torch.cat([pre.T, x3.T, net.w], dim=1).double()
+    units = [zaug[j] for j in range(4)] + [torch.eye(p)[-1]] * 4 + list(torch.eye(p))
+    steps = [0, 1, 2, 3, 0, 1, 2, 3] + [4] * p  # how many noise draws each feature has seen
+    var = torch.cat([torch.zeros(1), c.square().cumsum(0)]).double()
+    expected = torch.tensor([[float(var[min(a, b)]) * float(u @ v) for b, v in zip(steps, units)]
+                             for a, u in zip(steps, units)], dtype=torch.float64)
+    empirical = feats.T @ feats / feats.shape[0]
+    scale = expected.diagonal().clamp(min=1.0).sqrt()
+    torch.testing.assert_close(empirical / scale[:, None] / scale[None, :],
+                               expected / scale[:, None] / scale[None, :], atol=0.06, rtol=0)
+
+
+def test_grid_trainer_with_noise_equals_autograd_steps(monkeypatch):
+    """Per-sample noisy steps of the grid trainer (blocks, transposed storage, lazy in-block
+    drifts, decay folding) equal plain steps x <- x - eta N grad (autograd) + sqrt(2 lam eta) xi
+    of each (lambda, N) network alone, given the same xi (drawn whole, recorded)."""
+    draws: list[torch.Tensor] = []
+
+    def explicit_noise(self, zaug, sizes, c, gen):
+        pre, x3, lo = [], [], 0
+        for k, size in enumerate(sizes):
+            pre.append(zaug[lo:lo + size] @ self.w.T)
+            x3.append(self.w[:, -1].clone())
+            xi = torch.randn(self.w.shape, generator=gen)
+            draws.append(xi)
+            self.w.add_(xi, alpha=float(c[k]))
+            lo += size
+        return torch.cat(pre), torch.stack(x3)
+
+    monkeypatch.setattr(_GridNetwork, "block_noise", explicit_noise)
+    data = multi_index(n=50, d=5, k=5, rbar=5.0, seed=0)
+    s = GridSettings(eta=0.01, weight_decay=0.1, epochs=2, batch_size=1, init_std=0.8)
+    lams, widths = [0.05, 0.001], [7, 13]
+    result = train_lambda_grid(data, lams, widths, 1, s, seed=4, workers=1, progress=False)
+    n = len(data.y_train)
+    assert len(draws) == s.epochs * n
+    x0 = 0.8 * torch.randn(13, 7, generator=torch.Generator().manual_seed(derive_seed(4, "init", 0)))
+    step = MFLDSettings(eta=s.eta, lam=0.0, weight_decay=s.weight_decay, epochs=1, loss=s.loss, R=s.R)
+    for lam in lams:
+        for w in widths:
+            x = x0[:w].double().unsqueeze(0)
+            gen, k = torch.Generator().manual_seed(derive_seed(4, "order")), 0
+            for _ in range(s.epochs):
+                for j in torch.randperm(n, generator=gen).tolist():
+                    z, y = data.z_train[j:j + 1].double(), data.y_train[j:j + 1].double()
+                    x = x - s.eta * drift_autograd(x, z, y, step) + math.sqrt(2 * lam * s.eta) * draws[k][:w].double()
+                    k += 1
+            torch.testing.assert_close(result.predictions[(lam, w)][0].double(),
+                                       predict(x, data.z_test.double())[0], rtol=1e-4, atol=1e-4)
+
+
 def test_describe_reading_follows_the_settings():
     default = describe_reading(resolve_settings("lambda_grid"))
     assert default.startswith("epoch = 400 steps of 1 sample") and "(f-y)^2/2" in default

@@ -340,18 +340,20 @@ class GridResult:
 class _GridNetwork:
     """Network index ``b`` of every (lambda, N) cell, all updated by one set of tensor ops.
 
-    Cell c (width N_c) at lambda l is rows ``offsets[c]:offsets[c] + N_c`` of particle matrix l.
-    Every cell starts from the first N_c rows of the same N(0, init_std^2 I) draw and adds the
-    first N_c rows of the same noise draw each step, scaled by sqrt(2 lambda eta): common random
-    numbers, so the grid compares lambda and N on paired networks, and one step draws
-    max(N) x (d + 2) Gaussians instead of L x sum(N) x (d + 2).
+    Cell c (width N_c) at lambda l is rows ``offsets[c]:offsets[c] + N_c`` of particle matrix l
+    (P = sum N_c rows per lambda, L lambdas). Every cell starts from the first N_c rows of the
+    same N(0, init_std^2 I) draw and adds the first N_c rows of the same noise draw each step,
+    scaled by sqrt(2 lambda eta): common random numbers, so the grid compares lambda and N on
+    paired networks, and the noise is drawn for max(N) rows, not for L x P.
 
-    Per-sample steps are memory bound, so the particles are stored in a form that touches each
-    (L, P, d + 2) element twice per step (one product, one update):
-    ``x[l] = decay * (v[l] + scale_l * w[rows])``, where ``v`` (L, P, d + 2) accumulates the
-    drift, ``w`` (max N, d + 2) the shared noise and the scalar ``decay`` the weight-decay shrink
-    (:meth:`settle` folds it back once per epoch). ``f`` of a cell is a product with the (P, C)
-    matrix ``weights`` (R / N_c on the cell's rows); ``member`` maps a cell's g back to its rows.
+    Storage, so that a step touches each particle as few times as possible:
+    ``x[l] = decay * (v[l] + scale_l * w[rows])``, where ``v`` accumulates the drift, ``w``
+    (max N, d + 2) the shared noise and the scalar ``decay`` the weight-decay shrink
+    (:meth:`settle` folds it back once per epoch). ``v`` is split into ``vt`` (d + 1, L * P), the
+    x1, x2 columns transposed (a block's pre-activations are one product ``zaug @ vt`` with a
+    contiguous (m, L * P) result), and ``v3`` (L * P,), the x3 column. ``f`` of a cell is a
+    product with the (P, C) matrix ``weights`` (R / N_c on the cell's rows); ``member_t`` maps
+    a cell's g back to its rows.
     """
 
     def __init__(self, lams: Sequence[float], widths: Sequence[int], dim: int, s: GridSettings,
@@ -359,42 +361,86 @@ class _GridNetwork:
         p, top = dim + 2, max(widths)
         x0 = torch.randn(top, p, generator=init_gen).mul_(s.init_std)
         self.rows = torch.cat([torch.arange(w) for w in widths])
-        self.v = x0[self.rows].unsqueeze(0).repeat(len(lams), 1, 1).contiguous()  # (L, P, p)
+        self.shape = (len(lams), len(self.rows))
+        x = x0[self.rows]  # (P, p)
+        self.vt = x[:, :-1].T.repeat(1, len(lams)).contiguous()  # (d + 1, L * P)
+        self.v3 = x[:, -1].repeat(len(lams)).contiguous()  # (L * P,)
         self.w = torch.zeros(top, p)
         self.decay = 1.0
         cell = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
-        self.member = torch.nn.functional.one_hot(cell, len(widths)).float()  # (P, C)
-        self.weights = self.member * (s.R / torch.tensor(widths, dtype=torch.float32))
-        self.scales = torch.tensor([math.sqrt(2.0 * lam * s.eta) for lam in lams]).view(-1, 1, 1)
+        member = torch.nn.functional.one_hot(cell, len(widths)).float()  # (P, C)
+        self.weights = member * (s.R / torch.tensor(widths, dtype=torch.float32))
+        self.member_t = member.T.contiguous()  # (C, P): g of a cell to its rows
+        self.scales = torch.tensor([math.sqrt(2.0 * lam * s.eta) for lam in lams]).view(-1, 1)  # (L, 1)
         self.noisy = bool((self.scales > 0).any())
-        self.noise = torch.empty(top, p)
 
     def particles(self) -> Tensor:
         """The particles x ``(L, P, d + 2)`` (a new tensor)."""
-        x = self.v.clone()
+        lams, width = self.shape
+        x = torch.cat([self.vt.T.reshape(lams, width, -1), self.v3.view(lams, width, 1)], dim=-1)
         if self.noisy:
-            x.addcmul_(self.scales, self.w[self.rows])
+            x.addcmul_(self.scales.unsqueeze(-1), self.w[self.rows])
         return x.mul_(self.decay)
 
     def settle(self) -> None:
         """Fold ``decay`` into ``v`` and ``w`` (keeps them from growing over long runs)."""
-        self.v.mul_(self.decay)
-        self.w.mul_(self.decay)
+        for t in (self.vt, self.v3, self.w):
+            t.mul_(self.decay)
         self.decay = 1.0
-
-    def _activations(self, zaug: Tensor) -> tuple[Tensor, Tensor]:
-        """tanh(x1^T z + x2) ``(L, P, m)`` on the rows of ``zaug`` (m, p) and tanh(x3) ``(L, P)``."""
-        pre = torch.matmul(self.v, zaug.T)
-        x3 = self.v[..., -1]
-        if self.noisy:
-            pre.addcmul_(self.scales, torch.matmul(self.w, zaug.T)[self.rows])
-            x3 = torch.addcmul(x3, self.scales[..., 0], self.w[self.rows, -1])
-        return pre.mul_(self.decay).tanh_(), torch.tanh(x3 * self.decay)
 
     def outputs(self, zaug: Tensor) -> Tensor:
         """f of every cell on the rows of ``zaug`` (m, p): ``(L, m, C)``."""
-        act, t = self._activations(zaug)
-        return torch.matmul(act.mul_(t.unsqueeze(-1)).transpose(1, 2), self.weights)
+        lams, width = self.shape
+        zb = zaug[:, :-1]
+        pre = (zb @ self.vt).view(-1, lams, width)
+        x3 = self.v3.view(lams, width)
+        if self.noisy:
+            pre.addcmul_(self.scales, (zb @ self.w[:, :-1].T)[:, self.rows].unsqueeze(1))
+            x3 = torch.addcmul(x3, self.scales, self.w[self.rows, -1])
+        act = pre.mul_(self.decay).tanh_().mul_(torch.tanh(x3 * self.decay))
+        return torch.matmul(act, self.weights).transpose(0, 1)
+
+    def block_noise(self, zaug: Tensor, sizes: Sequence[int], c: Tensor,
+                    gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Advance the shared noise ``w`` over consecutive steps (step k on the next ``sizes[k]``
+        rows of ``zaug`` (m, p), adding ``c[k] * xi_k``, xi_k ~ N(0, I) per row) and return what
+        the steps see of it: ``(w_k . zaug_j)`` for every row j of step k, ``(m, max N)``, and
+        ``w_k[:, -1]`` (the x3 column), ``(K, max N)``, with w_k the noise before step k.
+
+        A step sees w only through its projection on S = span(the block's inputs, e_x3), so the
+        part of xi_k orthogonal to S only matters at the block's end, where the K parts sum to
+        one Gaussian of variance sum_k c_k^2 (exact in distribution): with Q an orthonormal basis
+        of S (dim m + 1), a block draws K x (m + 1) + (d + 2) numbers per row instead of
+        K x (d + 2). When that is not fewer (large blocks) every xi_k is drawn whole.
+        """
+        top, p = self.w.shape
+        m, steps = zaug.shape[0], len(sizes)
+        basis = torch.cat([zaug, zaug.new_zeros(1, p)])
+        basis[-1, -1] = 1.0  # e_x3: zaug's last column is 0
+        start = self.w @ basis.T  # (top, m + 1)
+        if steps == 1:  # the step sees only the noise before it
+            self.w.add_(torch.randn(top, p, generator=gen), alpha=float(c[0]))
+            return start[:, :m].T, start[:, m:].T
+        subspace = steps * (m + 1) + p < steps * p
+        if subspace:
+            q, proj = torch.linalg.qr(basis.T)  # (p, m + 1), (m + 1, m + 1): basis.T = q @ proj
+        else:
+            q, proj = None, basis.T  # coordinates are xi itself
+        a = torch.randn(steps, top, proj.shape[0], generator=gen)
+        earlier = torch.ones(steps, steps).tril_(-1).mul_(c)  # (K, K): c_s for s < k
+        before = (earlier @ a.view(steps, -1)).view(a.shape)  # (K, top, r): sum_{s < k} c_s a_s
+        total = before[-1].add(a[-1], alpha=float(c[-1]))  # sum over the block
+        step_of_row = torch.repeat_interleave(torch.arange(steps), torch.tensor(list(sizes)))
+        seen = before if steps == m else before[step_of_row]  # (m, top, r)
+        pre = torch.bmm(seen, proj[:, :m].T.unsqueeze(-1)).squeeze(-1).add_(start[:, :m].T)  # (m, top)
+        x3 = (before @ proj[:, m]).add_(start[:, m])  # (K, top)
+        if subspace:
+            rest = torch.randn(top, p, generator=gen)
+            rest.sub_((rest @ q) @ q.T).mul_(float(c.square().sum().sqrt()))
+            self.w.addmm_(total, q.T).add_(rest)
+        else:
+            self.w.add_(total)
+        return pre, x3
 
     def steps(self, zaug: Tensor, y: Tensor, sizes: Sequence[int], s: GridSettings, shrink: float,
               gen: torch.Generator) -> None:
@@ -403,45 +449,65 @@ class _GridNetwork:
         in :func:`drift`.
 
         The block reads and writes ``v`` once, not once per step: v.z for every row of the
-        block is one product up front, corrected after each step by that step's rank-m drift
-        (through the Gram matrix of the block's inputs), and the drifts are applied together at
-        the end. Only the small shared noise ``w`` and the x3 column are touched every step.
+        block is one product up front; step k adds the earlier steps' drifts lazily (their
+        coefficients times the Gram matrix of the block's inputs, one product), and the drifts
+        are applied together at the end. The noise the steps see is drawn up front
+        (:meth:`block_noise`, in chunks of NOISE_ROWS rows).
         """
-        v = self.v
-        pre_v = torch.matmul(v, zaug.T)  # (L, P, m): v.z_j at the block's start
-        gram = zaug @ zaug.T
-        coefs = torch.empty_like(pre_v)
+        lams, width = self.shape
+        m = zaug.shape[0]
+        zb = zaug[:, :-1]
+        pre = (zb @ self.vt).view(m, lams, width)  # v.z_j at the block's start
+        gram = zb @ zb.T
+        decays = [self.decay]
+        for _ in sizes:
+            decays.append(decays[-1] * shrink)
         bounds = [0]
         for size in sizes:
             bounds.append(bounds[-1] + size)
+        x3_noise = []
+        if self.noisy:
+            first = 0
+            while first < len(sizes):  # chunks of whole steps, about NOISE_ROWS rows each
+                last = first + 1
+                while last < len(sizes) and bounds[last + 1] - bounds[first] <= NOISE_ROWS:
+                    last += 1
+                lo, hi = bounds[first], bounds[last]
+                c = torch.tensor(decays[first + 1:last + 1]).reciprocal_()
+                seen, x3 = self.block_noise(zaug[lo:hi], sizes[first:last], c, gen)
+                pre[lo:hi].addcmul_(self.scales, seen[:, self.rows].unsqueeze(1))
+                x3_noise += list(x3[:, self.rows])
+                first = last
+        coefs = torch.empty_like(pre)  # per row: its step's drift coefficient on zaug_j, in units of v
+        flat = coefs.view(m, -1)
+        v3 = self.v3.view(lams, width)
         for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-            zk = zaug[lo:hi]
-            pre, x3 = pre_v[..., lo:hi], v[..., -1]
-            if self.noisy:
-                pre = torch.addcmul(pre, self.scales, torch.matmul(self.w, zk.T)[self.rows])
-                x3 = torch.addcmul(x3, self.scales[..., 0], self.w[self.rows, -1])
-            act = (pre * self.decay).tanh_()  # (L, P, m_k)
-            t = torch.tanh(x3 * self.decay)  # (L, P)
-            f = torch.matmul((act * t.unsqueeze(-1)).transpose(1, 2), self.weights)  # (L, m_k, C)
-            g = _loss_grad(f, y[lo:hi].unsqueeze(-1), s.loss).mul_(1.0 / (hi - lo))  # (L, m_k, C)
-            gp = torch.matmul(g, self.member.T).transpose(1, 2)  # (L, P, m_k): each row's cell's g
-            drift3 = (gp * act).sum(-1).mul_(1.0 - t * t).mul_(s.R)  # x3 column
-            self.decay *= shrink
-            step = -s.eta / self.decay  # in units of v
-            # x1, x2 columns: R t_i sum_j g_j (1 - A_ij^2) zaug_j (zaug's last column 0 spares x3)
-            coef = act.square_().neg_().add_(1.0).mul_(gp).mul_(t.unsqueeze(-1) * (s.R * step))
-            coefs[..., lo:hi] = coef
-            if hi < bounds[-1]:
-                pre_v[..., hi:].add_(torch.matmul(coef, gram[lo:hi, hi:]))
-            v[..., -1].add_(drift3, alpha=step)
-            if self.noisy:
-                self.w.add_(self.noise.normal_(generator=gen), alpha=1.0 / self.decay)
-        v.view(-1, v.shape[-1]).addmm_(coefs.view(-1, coefs.shape[-1]), zaug)
+            rows = hi - lo
+            pk = pre[lo:hi]
+            if lo > 0:  # the drifts of the block's earlier steps
+                pk = torch.addmm(pk.view(rows, -1), gram[lo:hi, :lo], flat[:lo]).view(rows, lams, width)
+            act = pk.mul(decays[k]).tanh_()  # (b, L, P)
+            x3 = torch.addcmul(v3, self.scales, x3_noise[k]) if self.noisy else v3
+            t = x3.mul(decays[k]).tanh_()  # (L, P)
+            f = torch.matmul(act * t, self.weights)  # (b, L, C)
+            g = _loss_grad(f, y[lo:hi].view(-1, 1, 1), s.loss).mul_(1.0 / rows)
+            gp = torch.matmul(g, self.member_t)  # (b, L, P): each row's cell's g
+            step = -s.eta / decays[k + 1]  # in units of v
+            # x3 column: R (1 - t_i^2) sum_j g_j A_ij
+            ga = gp * act
+            v3.addcmul_(ga.sum(0) if rows > 1 else ga[0], 1.0 - t * t, value=s.R * step)
+            # x1, x2 columns: R t_i g_j (1 - A_ij^2) zaug_j, applied at the block's end
+            q = gp.mul_(t).mul_(s.R * step)
+            torch.addcmul(q, q * act, act, value=-1.0, out=coefs[lo:hi])
+        self.decay = decays[-1]
+        self.vt.addmm_(zb.T, flat)
 
 
-# Rows of inputs per block of steps in :meth:`_GridNetwork.steps` (per-sample steps: 16 steps
-# per pass over the particles).
-BLOCK_ROWS = 16
+# Rows of inputs per block of steps in :meth:`_GridNetwork.steps` (per-sample steps: 32 steps
+# per pass over the particles) and per chunk of noise in :meth:`_GridNetwork.block_noise`
+# (per row, 16 per-sample steps draw 16 x 17 + 102 numbers instead of 16 x 102).
+BLOCK_ROWS = 32
+NOISE_ROWS = 16
 
 
 def grid_workers() -> int:
@@ -468,7 +534,7 @@ def train_lambda_grid(
     ``settings.order`` is ``"per_network"``), so a job's result does not depend on
     the thread count or the other jobs. ``workers`` threads (default :func:`grid_workers`)
     run the jobs with single-threaded kernels. Per-sample epochs (``batch_size=1``) on the
-    paper's grid are 2000 steps of 264 000 particles; see README "Mean-field networks".
+    paper's grid are 2000 steps of 264 000 particles; see docs/mfnn.md.
 
     Example:
         >>> from poc_lora.mfnn.data import multi_index
