@@ -32,6 +32,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .data.templates import TEMPLATE_RECORD_FILE
 from .errors import AdapterError, OutputError
 from .safetensors_io import TensorFile, TensorInfo
 
@@ -271,6 +272,7 @@ def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     """Value of PEFT's ``rank_pattern``/``alpha_pattern`` for ``module`` (PEFT's own matcher)."""
     if not pattern:
         return default
+    # lazy: peft (seconds to import) is needed only for adapters with rank/alpha patterns
     from peft.utils.other import get_pattern_key
 
     key = get_pattern_key(pattern.keys(), module)
@@ -449,8 +451,6 @@ def load_adapter(path: str | Path, label: str | None = None) -> Adapter:
         AdapterError: naming the directory or file for every unreadable or unsupported input
             (see :func:`read_adapter_config`, :func:`open_adapter_weights`).
     """
-    from .data.templates import TEMPLATE_RECORD_FILE
-
     path = Path(path)
     label = label or f"adapter {path}"
     cfg = read_adapter_config(path, label)

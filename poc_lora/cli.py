@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import typing
 import warnings
 from typing import Callable, Sequence
 
@@ -297,7 +298,7 @@ def parse_command(name: str, argv: Sequence[str]) -> tuple[argparse.Namespace, d
         sub = keys[args.experiment]  # type: ignore[index]
         return sub.split(args)
     if name == "pipeline":
-        from .pipeline import check_overrides
+        from .pipeline import check_overrides  # lazy like the handlers: the pipeline imports torch
 
         check_overrides(argv)
     if keys is None:
@@ -314,7 +315,6 @@ def config_reference_markdown() -> str:
         >>> "| `lora_r` |" in config_reference_markdown()  # doctest: +SKIP
         True
     """
-    import typing
     from .mfnn.config import EXPERIMENT_SETTINGS, KEY_HELP, experiment_keys
 
     def cell(text: object) -> str:

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,8 +395,6 @@ def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser,
     """``argv`` with old dashed spellings (``--base-model``) turned into the one spelling
     (``--base_model``) and old key names (``legacy``: ``{"eval_limit": "eval.limit"}``) into
     their key now, each with a deprecation warning; unknown options are left to the parser."""
-    import logging
-
     known = parser._option_string_actions
     out = []
     for tok in argv:

@@ -107,8 +107,6 @@ def _migrate(raw: dict[str, Any], where: str, keys: Any) -> dict[str, Any]:
             if value:
                 logger.warning("%s: train_overrides is deprecated: write its keys (%s) at the top level or "
                                "under their section (training: {...})", where, ", ".join(value))
-            from .config import TRAIN_SECTIONS
-
             for k, v in value.items():  # training keys: a name the pipeline sections share is the training one
                 train = [sec for sec in keys.names.get(str(k), []) if sec in TRAIN_SECTIONS]
                 out[f"{train[0]}.{k}" if len(keys.names.get(str(k), [])) > 1 and train else k] = v

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .outputs import atomic_write_text
+from .outputs import atomic_write, atomic_write_text
 
 Row = Sequence[Any] | Mapping[str, Any]
 
@@ -140,7 +140,6 @@ def _pyplot():
 
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure as PNG through a temporary file (deterministic metadata)."""
-    from .outputs import atomic_write
 
     plt = _pyplot()
     try:

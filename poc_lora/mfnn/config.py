@@ -17,10 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import inspect
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 
@@ -246,8 +246,6 @@ class MfnnKeys:
     unless a key is given."""
 
     def __init__(self, parser: Any, experiment: str) -> None:
-        import argparse
-
         group = parser.add_argument_group("mfnn keys", "the paper's settings (PAPER_SETTINGS); override any")
         self.dests = []
         for key, (default, note) in experiment_keys(experiment).items():
