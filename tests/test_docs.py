@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import shutil
@@ -13,6 +14,8 @@ import pytest
 
 from poc_lora.citation import BIBTEX
 from poc_lora.cli import main
+from poc_lora.config import GRAMMAR, EvalArguments
+from poc_lora.merge.methods import method_names
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -90,6 +93,8 @@ def test_generated_docs_are_current():
     gen = _gen_docs()
     assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == gen.cli_markdown(), \
         "docs/cli.md is stale: run python scripts/gen_docs.py"
+    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == gen.config_markdown(), \
+        "docs/config.md is stale: run python scripts/gen_docs.py"
     stale = [str(p.relative_to(ROOT)) for p in gen.stale_files()]
     assert not stale, f"stale generated docs {stale}: run python scripts/gen_docs.py"
 
@@ -101,6 +106,13 @@ def test_gen_docs_check_exits_1_on_a_stale_page(tmp_path):
     cli_md = tmp_path / "docs" / "cli.md"
     cli_md.write_text(cli_md.read_text(encoding="utf-8").replace("--overwrite", "--overwrite-all"), encoding="utf-8")
     assert list(gen.stale_files(tmp_path)) == [cli_md]
+    cli_md.write_text(gen.cli_markdown(), encoding="utf-8")
+    # the config-key page and the merge-method block inside a hand-written page are checked too
+    config_md, merging_md = tmp_path / "docs" / "config.md", tmp_path / "docs" / "merging.md"
+    config_md.write_text(config_md.read_text(encoding="utf-8").replace("| `lora_r` |", "| `lora_rank` |"),
+                         encoding="utf-8")
+    merging_md.write_text(merging_md.read_text(encoding="utf-8").replace("| `svd` |", "| `svd2` |"), encoding="utf-8")
+    assert sorted(gen.stale_files(tmp_path)) == sorted([config_md, merging_md])
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -113,19 +125,36 @@ def test_generated_block_replaces_only_the_text_between_its_markers():
         "before\n<!-- generated: t (a note) -->\nnew\n<!-- end generated: t -->\nafter\n"
     with pytest.raises(SystemExit, match="p.md has no"):
         gen._replace_block("no markers", "t", "new", "p.md")
-    # the merge-method table is ready for the registry's renderer (scripts/gen_docs.py BLOCKS)
+    # the merge-method table is the registry's: one row per registered method
     merging = (ROOT / "docs" / "merging.md").read_text(encoding="utf-8")
-    assert "<!-- generated: merge-methods" in merging and "<!-- end generated: merge-methods -->" in merging
+    block = merging.split("<!-- generated: merge-methods", 1)[1].split("<!-- end generated: merge-methods -->", 1)[0]
+    assert [re.match(r"\| `(\w+)`", row).group(1) for row in block.splitlines() if row.startswith("| `")] \
+        == list(method_names())
 
 
 @pytest.mark.parametrize("command", [["train"], ["ensemble"], ["merge"], ["eval"], ["pipeline"],
                                      ["demo"], ["mfnn", "figure1"], ["mfnn", "figure2"], ["mfnn", "table2"]])
 def test_cli_page_lists_every_option_of_the_real_help(command, capsys):
-    # argparse's own --help output, not the generator's walk, is the reference here.
+    # argparse's own --help output, not the generator's walk, is the reference here (without the
+    # grammar paragraph every command ends with: docs/cli.md gives it once, at the top).
     with pytest.raises(SystemExit):
         main([*command, "--help"])
-    options = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", capsys.readouterr().out)) - {"-h", "--help"}
+    out = capsys.readouterr().out.split(GRAMMAR.split(" (")[0])[0]
+    options = set(re.findall(r"(?<![\w.-])(--?[A-Za-z][\w-]*(?:\.[A-Za-z][\w-]*)*)", out)) - {"-h", "--help"}
     page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     section = page.split(f"`poc-lora {' '.join(command)}`\n", 1)[1].split("\n#", 1)[0]
     missing = sorted(o for o in options if f"{o} " not in section and f"{o}`" not in section)
     assert options and not missing, f"poc-lora {' '.join(command)}: options missing from docs/cli.md: {missing}"
+
+
+def test_cli_page_shows_each_eval_key_with_its_one_default():
+    # the defaults of EvalArguments (the one source) against the rows of docs/cli.md's eval section
+    page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    section = page.split("`poc-lora eval`\n", 1)[1].split("\n#", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `--(\w+)`[^|]*\| ([^|]*) \|", section, re.M)}
+    for f in dataclasses.fields(EvalArguments):
+        assert f.name in rows, f"--{f.name} missing from the eval section of docs/cli.md"
+        shown = "" if f.default is None else f"`{f.default}`"
+        assert rows[f.name] == shown, f"--{f.name}: docs/cli.md shows {rows[f.name]!r}, the default is {f.default!r}"
+    assert "`--eval.data_dir`" in section and "GRAMMAR" not in section
+    assert " ".join(GRAMMAR.split()) in " ".join(page.split("\n## ", 1)[0].split())
