@@ -1,6 +1,7 @@
 """``poc-lora``: a thin argparse front end over the library.
 
-One ``_add_<command>`` function declares each subcommand's arguments and one
+One ``_<command>_parser`` function declares each subcommand's options and config keys (one
+grammar: ``--key value`` / ``--section.key value``, see :data:`poc_lora.config.GRAMMAR`) and one
 ``_run_<command>`` function calls the library; no logic lives here. User errors
 (:class:`~poc_lora.errors.PocLoraError`) print ``error: <message>`` and exit 1.
 Heavy imports (torch, transformers) happen inside the handlers so ``--help`` is instant.
@@ -35,10 +36,18 @@ def _split_list(text: str) -> list[str]:
     return [t for t in (s.strip() for s in text.split(",")) if t]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` unless the help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
 def _parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
     help_, description = _HELP[name]
     return argparse.ArgumentParser(prog=prog or f"poc-lora {name}", description=description, epilog=GRAMMAR,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                   formatter_class=_HelpFormatter, allow_abbrev=False)
 
 
 # One line (``poc-lora --help``) and one paragraph (``poc-lora COMMAND --help``) per command.
@@ -199,7 +208,7 @@ def _mfnn_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, obje
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     keys = {}
     for name, text in MFNN_EXPERIMENTS.items():
-        e = exp.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        e = exp.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter,
                            allow_abbrev=False)
         if name == "figure1":
             e.add_argument("--task", choices=["classification", "regression"], default=None,

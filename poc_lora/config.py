@@ -350,6 +350,9 @@ class KeyParser:
         if rest:
             unknown = next((t for t in rest if t.startswith("-")), rest[0])
             key = unknown.lstrip("-").split("=", 1)[0]
+            if unknown.startswith("-") and key in self.names:  # e.g. pipeline --seed: merge.seed or training.seed
+                raise ConfigError(f"config key {key!r} ({unknown}) is ambiguous here: write "
+                                  + " or ".join(f"--{s}.{key}" for s in self.names[key]))
             close = difflib.get_close_matches(key, self.keys(), n=3)
             hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
             # A config error (exit 1, "error: ..."), as a bad key in the YAML file is; argparse's

@@ -140,6 +140,9 @@ def test_ambiguous_and_unknown_keys_name_the_spellings(tmp_path):
     cfg.write_text("train_config: x.yaml\nseed: 3\n")  # merge.seed or training.seed?
     with pytest.raises(ConfigError, match=r"merge\.seed or training\.seed"):
         PipelineConfig.from_yaml(cfg)
+    cfg.write_text("train_config: x.yaml\n")
+    with pytest.raises(ConfigError, match=r"--merge\.seed or --training\.seed"):  # the same on the command line
+        PipelineConfig.from_yaml(cfg, ["--seed", "3"])
     with pytest.raises(ConfigError, match="lora_r"):
         load_config(BASE, ["--lora_rr", "8"])
 
