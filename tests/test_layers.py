@@ -154,3 +154,11 @@ def test_eval_harness_import_and_data_formats_are_cheap():
     # ... and a name of the scoring part still resolves (on first access).
     assert _loaded_after("from eval_harness import extract_answer; assert extract_answer('boolq', 'true') == 'true'") \
         >= {"torch"}
+
+
+def test_adapter_merge_loads_no_transformers():
+    # A plain adapter merge needs torch and safetensors only; transformers, datasets and peft
+    # (hundreds of MiB of RSS, scripts/bench_merge.py's peak-RSS target) load only for a merge
+    # into the base model.
+    assert not _loaded_after("import poc_lora.merge\nfrom poc_lora.merge import merge_adapters") & {
+        "transformers", "datasets", "peft"}

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from ..adapters import PEFT_PREFIX
 from ..errors import AdapterError, ConfigError
-from ..models import resolve_model_path
 from ..outputs import write_json
 from ..safetensors_io import SafetensorsStreamWriter, TensorFile
 from .compute import ModuleMerger, merged_full_tensor, merged_lora_bias
@@ -46,6 +45,10 @@ _INDEX_NAME = "model.safetensors.index.json"
 def _resolve_base(base_model: str | Path) -> Path:
     """A local model directory, or a hub id fetched with ``snapshot_download`` (which honours
     HF_HUB_OFFLINE and the local cache). Embedded ids and .gguf files resolve to their local copy."""
+    # lazy: poc_lora.models imports transformers and datasets (about 250 MiB of RSS, seconds), which
+    # a plain adapter merge never needs (scripts/bench_merge.py: 223 vs 469 MiB at import)
+    from ..models import resolve_model_path
+
     p = Path(resolve_model_path(str(base_model)))
     if p.is_dir():
         return p
