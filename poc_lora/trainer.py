@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from poc_lora.config import read_yaml
 from poc_lora.mfnn.config import resolve_settings
-from poc_lora.mfnn.experiments import _data, describe_reading, run_table2
+from poc_lora.mfnn.experiments import _data, run_table2
 from poc_lora.outputs import atomic_write_text
 from poc_lora.report import markdown_table
 

@@ -32,8 +32,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from .suites import SUITES, Suite
-
+from .suites import Suite
 from .synthetic import NAMES, format_record, num_options
 
 ITEMS = ("apples", "coins", "books", "stickers", "marbles", "pencils", "cards", "shells", "cookies", "stamps")

@@ -43,7 +43,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
