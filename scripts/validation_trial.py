@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -58,14 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"use one of {sorted(SYNTHETIC_KINDS)}")
     if args.val_seed == cfg.data.synthetic_seed:
         raise ConfigError(f"--val_seed {args.val_seed} equals synthetic_seed: that is the test split")
-    test_dir = synthetic_test_dir(cfg.data)
-    val_args = load_config(args.config, [*overrides, "--output_dir", str(out / "adapter"),
-                                         "--synthetic_seed", str(args.val_seed),
-                                         "--synthetic_test_per_suite", str(args.val_per_suite)]).data
+    val_args = dataclasses.replace(cfg.data, synthetic_seed=args.val_seed, synthetic_test_per_suite=args.val_per_suite)
     resolve_data_path(val_args)  # writes the validation suites on demand
     val_dir = synthetic_test_dir(val_args)
-    if val_dir == test_dir:
-        raise ConfigError(f"the validation set {val_dir} is the test split")
 
     adapter = train_adapter(cfg)
     steps = _checkpoints(adapter)
