@@ -5,11 +5,12 @@ Runs ``poc-lora pipeline`` twice in fresh processes on the same recipe (M adapte
 examples per member, evaluation of base + M adapters + every merge on the same records):
 
 * old: ``poc-lora --threads 1 pipeline ... --strategy sequential --data_order per_member
-  --bf16 false --eval_batched false`` (members one after another in fp32 on one thread, the LM head
-  over every position, models evaluated one by one);
+  --bf16 false`` (members one after another in fp32 on one thread, the LM head over every
+  position);
 * new: ``poc-lora pipeline ... --strategy batched --data_order shared`` (all members in one
   pass over one base, the frozen trunk once per micro-batch, bf16 where the CPU has it, all
-  cores, logits only at supervised positions, the models evaluated together).
+  cores, logits only at supervised positions). Both evaluate the models one by one (rank mode
+  shares each prompt's KV cache across its answer candidates).
 
 Prints and writes (``--output``: ``bench_ensemble.json`` / ``.md``) wall time and peak RSS of
 each run and their ratio, the per-part ratios (training per member-step, evaluation per model,
@@ -39,8 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"tiny": ROOT / "configs" / "pipeline" / "tiny_cpu.yaml",
            "smollm2": ROOT / "configs" / "pipeline" / "smollm2_cpu.yaml"}
-OLD = ["--threads", "1"], ["--strategy", "sequential", "--data_order", "per_member", "--bf16", "false",
-                           "--eval_batched", "false"]
+OLD = ["--threads", "1"], ["--strategy", "sequential", "--data_order", "per_member", "--bf16", "false"]
 NEW = [], ["--strategy", "batched", "--data_order", "shared"]
 
 
@@ -125,16 +125,69 @@ def step_gflop(config: Path, overrides: list[str], num_adapters: int) -> float:
     return (trunk + top + head) / 1e9
 
 
+def threads_table(config: Path, repeats: int = 3) -> list[dict[str, Any]]:
+    """Seconds per training forward + backward (the recipe's micro-batch, bf16 autocast where
+    native) with 1 thread and with every available core, on idle cores and with two busy
+    processes beside it (each spinning one core), under passive OpenMP waiting: the measurement
+    behind ``configure_threads``' default."""
+    import torch
+
+    from poc_lora.pipeline import PipelineConfig
+    from poc_lora.runtime import native_bf16
+    from poc_lora.train import attach_lora, load_base_model
+
+    cfg = PipelineConfig.from_yaml(config).train_config("/tmp/unused")
+    model = attach_lora(load_base_model(cfg), cfg)
+    b, t = cfg.training.per_device_train_batch_size, cfg.data.cutoff_len
+    ids = torch.randint(3, model.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16("cpu")):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return time.perf_counter() - start
+
+    rows = []
+    cores = len(os.sched_getaffinity(0))
+    for load in ("idle", "2 busy processes"):
+        burners = [] if load == "idle" else [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+        try:
+            for n in sorted({1, cores}):
+                torch.set_num_threads(n)
+                step()  # warm-up
+                rows.append({"load": load, "threads": n, "seconds": min(step() for _ in range(repeats))})
+        finally:
+            for p in burners:
+                p.kill()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(CONFIGS), default="smollm2")
     ap.add_argument("--steps", type=int, default=10, help="optimizer steps per member (both runs)")
     ap.add_argument("--limit", type=int, default=8, help="evaluation examples per suite (both runs)")
     ap.add_argument("--output", default=None, help="default: results/bench/ensemble_<model>")
+    ap.add_argument("--threads_table", action="store_true",
+                    help="only the thread-count table (1 thread vs all cores, idle and busy)")
     args = ap.parse_args(argv)
     config = CONFIGS[args.model]
     out = Path(args.output or f"results/bench/ensemble_{args.model}")
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads_table:
+        from poc_lora.runtime import configure_threads
+
+        configure_threads()  # passive waiting, set before torch starts its thread pool
+        rows = threads_table(config)
+        lines = [f"# training forward + backward, {args.model} recipe micro-batch", "",
+                 "| load | threads | seconds |", "|---|---|---|"]
+        lines += [f"| {r['load']} | {r['threads']} | {r['seconds']:.2f} |" for r in rows]
+        (out / "threads.json").write_text(json.dumps(rows, indent=2))
+        (out / "threads.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
     common = ["--max_steps", str(args.steps), "--eval.limit", str(args.limit), "--save_strategy", "no",
               "--disable_tqdm", "true"]
     runs = {name: run_pipeline(name, config, out / name, g, k, common)
