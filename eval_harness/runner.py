@@ -46,7 +46,7 @@ from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile, sha256_fil
 from poc_lora.data.suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
 from poc_lora.data.templates import TEMPLATE_RECORD_FILE, get_template, template_hash
 from poc_lora.errors import AdapterError, ConfigError, OutputError
-from poc_lora.models import load_model, load_tokenizer
+from poc_lora.models import float32_logits, load_model, load_tokenizer
 from poc_lora.outputs import atomic_write_text, write_json
 from poc_lora.report import accuracy_percentages, comparison_rows, markdown_table, write_table
 
@@ -156,7 +156,8 @@ class _ModelHolder:
     def _load_base(self) -> None:
         start = time.perf_counter()
         device_map = {"": 0} if torch.cuda.is_available() else None
-        self.model = load_model(self.base_model, self.dtype, load_in_4bit=self.load_in_4bit, device_map=device_map)
+        self.model = float32_logits(load_model(self.base_model, self.dtype, load_in_4bit=self.load_in_4bit,
+                                               device_map=device_map))
         self.model.eval()
         self.tokenizer = load_tokenizer(self.base_model, padding_side="left")
         self.load_seconds += time.perf_counter() - start

@@ -360,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else 1; "
-                             "OMP_WAIT_POLICY defaults to PASSIVE)")
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else the cores this "
+                             "process may use; OMP_WAIT_POLICY defaults to PASSIVE)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 help="`poc-lora COMMAND --help` lists its options and config keys")
     for name in _COMMANDS:

@@ -43,6 +43,7 @@ import yaml
 from .data.synthetic import SYNTHETIC_DATA, SYNTHETIC_KINDS, SYNTHETIC_REASONING_DATA  # noqa: F401 (kept importable here)
 from .errors import ConfigError
 from .outputs import atomic_write_text, write_json
+from .runtime import resolve_bf16
 
 CONFIG_FILE = "poc_lora_config.yaml"
 PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -473,7 +474,21 @@ def train_key_parser(parser: argparse.ArgumentParser | None = None) -> KeyParser
     (every ``TrainingArguments`` field) sections, added to ``parser`` (default: one whose errors
     are :class:`ConfigError`)."""
     parser = parser if parser is not None else _RaisingParser(prog="poc-lora train", add_help=False, allow_abbrev=False)
-    return KeyParser(parser, [(name, section_class(name), None) for name in TRAIN_SECTIONS])
+    keys = KeyParser(parser, [(name, section_class(name), None) for name in TRAIN_SECTIONS])
+    for action in parser._actions:
+        if keys.dests.get(action.dest) == ("training", "bf16"):
+            action.type, action.metavar = _bool_or_auto, "{true,false,auto}"
+            action.help = ("bfloat16 mixed precision (autocast; LoRA weights and optimizer state stay fp32). "
+                           "auto: on where the device computes bf16 natively (CUDA bf16, AVX-512 BF16 or AMX "
+                           "CPUs), else off")
+    return keys
+
+
+def _bool_or_auto(text: Any) -> bool | str:
+    """A boolean key that also takes ``auto`` (resolved by :func:`load_config`)."""
+    from transformers.hf_argparser import string_to_bool
+
+    return "auto" if str(text).lower() == "auto" else string_to_bool(text)
 
 
 def valid_keys() -> list[str]:
@@ -571,6 +586,9 @@ def load_config(
         flat["lora_target_modules"] = _as_list(flat["lora_target_modules"])
     try:
         _, sections = keys.parse(list(overrides), flat)
+        training = sections["training"]
+        if "bf16" in training:  # `auto` -> what the training device computes natively
+            training["bf16"] = resolve_bf16(training["bf16"], use_cpu=bool(training.get("use_cpu")))
         groups = {name: section_class(name)(**sections[name]) for name in TRAIN_SECTIONS}
     except ConfigError as exc:
         raise ConfigError(f"{exc} ({where} + overrides)") from None

@@ -151,6 +151,27 @@ def quantization_config(
     )
 
 
+def float32_logits(model: PreTrainedModel) -> PreTrainedModel:
+    """Make a bf16/fp16 model compute its LM head (the logits) in float32; returns ``model``.
+
+    Scores that compare log-likelihoods (rank and choice modes) are differences of logits of
+    size ~10, which bfloat16 holds to ~0.05: enough to flip close decisions. The head runs on
+    a float32 copy of its weight (one extra vocab x hidden matrix, also for tied embeddings,
+    which stay tied and in the model's dtype); everything else keeps the model's dtype.
+
+    Example:
+        >>> model = float32_logits(load_model("poc-lora/tiny-llama", "bfloat16"))  # doctest: +SKIP
+    """
+    head = model.get_output_embeddings()
+    if head is None or head.weight.dtype == torch.float32:
+        return model
+    weight = head.weight.detach().float()
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()
+    # an instance attribute, not a new module: tied weights and PEFT's module tree stay as they are
+    head.forward = lambda hidden: torch.nn.functional.linear(hidden.float(), weight, bias)
+    return model
+
+
 def load_model(
     name_or_path: str,
     dtype: str | None = "auto",

@@ -285,8 +285,14 @@ def _label(method: str, merged: Path) -> str:
     return get_method(method).row_label(_adapter_rank(merged))
 
 
+def eval_dtype(train_cfg: Any) -> str:
+    """The dtype the pipeline evaluates in: bfloat16 when the adapters were trained with bf16
+    autocast (``bf16: auto`` on a CPU or GPU with native bf16), else the base model's dtype."""
+    return "bfloat16" if train_cfg.training.bf16 else train_cfg.model.dtype
+
+
 def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merges: dict[str, Path],
-                data_dir: Path, out: Path, overwrite: bool) -> EvalResult:
+                data_dir: Path, out: Path, overwrite: bool, dtype: str = "auto") -> EvalResult:
     """Evaluate every model whose weights or evaluation settings changed, then collect all results.
 
     Each model's results under ``out/<model>/`` carry a stage marker (evaluation settings + the
@@ -295,8 +301,8 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
     """
 
     common = dict(data_dir=data_dir, output=out, tasks=cfg.eval.tasks, mode=cfg.eval.mode, limit=cfg.eval.limit,
-                  batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
-    shared = {"base_model": base_model, "data_dir": str(data_dir), "tasks": cfg.eval.tasks, "mode": cfg.eval.mode,
+                  batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams, dtype=dtype)
+    shared = {"base_model": base_model, "dtype": dtype, "data_dir": str(data_dir), "tasks": cfg.eval.tasks, "mode": cfg.eval.mode,
               "limit": cfg.eval.limit, "num_beams": cfg.eval.num_beams if cfg.eval.mode == "generate" else None,
               "include_base": cfg.eval.include_base}
     models = [(a, "adapter") for a in adapters] + [(m, "merged") for m in merges.values()]
@@ -475,7 +481,7 @@ def run_pipeline(
     t = time.perf_counter()
     logger.info("stage 3/4: evaluating %d models", len(adapters) + len(merges))
     evaluation = _eval_stage(cfg, train_cfg.model.model_name_or_path, adapters, merges, data_dir,
-                             out / "eval", overwrite)
+                             out / "eval", overwrite, dtype=eval_dtype(train_cfg))
     timing["evaluation"] = time.perf_counter() - t
 
     report_settings = {"config": cfg.to_dict(),

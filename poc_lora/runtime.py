@@ -1,5 +1,5 @@
-"""Small process-level helpers shared by several modules: derived seeds, torch thread count and
-the CLI's CPU thread defaults.
+"""Small process-level helpers shared by several modules: derived seeds, torch thread count, the
+CLI's CPU thread defaults and the CPU's bf16 support.
 
 Example:
     >>> from poc_lora.runtime import derive_seed, torch_threads
@@ -45,18 +45,28 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-DEFAULT_CPU_THREADS = 1
+def available_cores() -> int:
+    """The CPU cores this process may run on (``os.sched_getaffinity``: a container's or
+    ``taskset``'s limit, not the machine's count), or ``os.cpu_count()`` where affinity is unknown."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def configure_threads(threads: int | None = None) -> int:
     """Set the process's CPU thread defaults before torch is imported; returns the intra-op count.
 
     Order: ``threads`` (``poc-lora --threads N``), else ``$OMP_NUM_THREADS`` when the user set it,
-    else :data:`DEFAULT_CPU_THREADS` (1). ``OMP_WAIT_POLICY`` defaults to ``PASSIVE``. Why: with
-    OpenMP's default spin-waiting, every small kernel on a machine whose cores are busy with other
-    work waits a scheduler time slice for its threads, which multiplies the wall time of the small
-    models this project runs on CPUs; one thread and passive waiting cost little on an idle machine. The environment variables are inherited by child processes (torchrun workers,
-    dataloader workers); if torch is already imported, its thread count is set directly too.
+    else :func:`available_cores`. ``OMP_WAIT_POLICY`` defaults to ``PASSIVE``: with OpenMP's
+    default spin-waiting, threads that finished a kernel burn their core while waiting for the
+    next one, which slows every other process on a busy machine and, on an oversubscribed one,
+    makes each small kernel wait a scheduler time slice for its threads. With passive waiting all
+    cores still beat one, idle or busy (docs/training.md, "CPU threads", has the measurements).
+    The environment variables are inherited by child processes (torchrun workers, dataloader
+    workers); if torch is already imported, its thread count is set directly too.
+
+    Raises :class:`ConfigError` for ``threads < 1``.
 
     Example:
         >>> configure_threads(2)  # doctest: +SKIP
@@ -67,12 +77,50 @@ def configure_threads(threads: int | None = None) -> int:
     env = os.environ
     if threads is None:
         try:
-            threads = int(env.get("OMP_NUM_THREADS", "")) or DEFAULT_CPU_THREADS
+            threads = int(env.get("OMP_NUM_THREADS", "")) or available_cores()
         except ValueError:
-            threads = DEFAULT_CPU_THREADS
+            threads = available_cores()
     env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("MKL_NUM_THREADS", str(threads))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     return threads
+
+
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether ``device_type`` computes bfloat16 matmuls natively (fast), not by emulation.
+
+    CPU: the processor reports AVX-512 BF16 or AMX tiles (as read by torch's cpuinfo, the flags
+    ``avx512_bf16`` / ``amx_bf16`` of /proc/cpuinfo on Linux), whatever its vendor; without them
+    torch converts bf16 to fp32 around every kernel and bf16 is slower than fp32. CUDA:
+    ``torch.cuda.is_bf16_supported()`` (Ampere and newer). Anything else: False.
+
+    Example:
+        >>> native_bf16("cpu")  # doctest: +SKIP
+        True
+    """
+    import torch
+
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_bf16(value: Any, use_cpu: bool = False) -> bool:
+    """``bf16: auto`` -> True exactly where bf16 is native on the training device (CUDA when
+    available and not ``use_cpu``, else the CPU); ``True``/``False`` pass through.
+
+    Example:
+        >>> resolve_bf16(False)
+        False
+    """
+    if isinstance(value, str) and value.lower() == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
+        return native_bf16(device)
+    return bool(value)

@@ -165,7 +165,8 @@ def test_hostile_pickle_adapter_in_eval_through_the_console(tmp_path):
 
 # ------------------------------------------------------------------------ CPU thread defaults
 def test_cli_thread_defaults(monkeypatch, capsys):
-    """1 intra-op thread and passive OpenMP waiting unless the user says otherwise."""
+    """All the cores this process may use (its affinity mask, not os.cpu_count) and passive OpenMP
+    waiting, unless the user says otherwise."""
     import torch
 
     from poc_lora.runtime import configure_threads
@@ -174,6 +175,10 @@ def test_cli_thread_defaults(monkeypatch, capsys):
     try:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
             monkeypatch.delenv(var, raising=False)
+        cores = len(__import__("os").sched_getaffinity(0))
+        assert configure_threads() == cores and torch.get_num_threads() == cores
+        monkeypatch.delenv("OMP_NUM_THREADS")  # configure_threads exported it for child processes
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})  # e.g. `taskset -c 0`
         assert configure_threads() == 1 and torch.get_num_threads() == 1
         assert __import__("os").environ["OMP_WAIT_POLICY"] == "PASSIVE"
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
