@@ -23,8 +23,10 @@ Strategies:
   (accelerate's multi-node launch) when ``output_dir`` is on a shared filesystem.
 
 Rerunning the same command resumes: finished members trained with the same settings (their
-stage marker, :mod:`poc_lora.stages`, holds the same :func:`~poc_lora.train.train_settings`) are
-skipped, an interrupted one continues from its last checkpoint. A finished member whose settings
+stage marker, :mod:`poc_lora.stages`, holds the same :func:`~poc_lora.train.train_settings` and
+their files are intact) are skipped, an interrupted one continues from its last checkpoint, and
+one whose files are missing, truncated or changed is rebuilt from its last checkpoint (trained
+again when it has none). A finished member whose settings
 differ is an error naming the changed keys (``retrain_stale=True``, as the pipeline passes,
 trains it again instead); a finished member is never changed by a resume.
 
