@@ -58,7 +58,7 @@ from .data.templates import TEMPLATE_RECORD_FILE, get_template, template_record
 from .errors import ConfigError, OutputError
 from .models import load_model, load_tokenizer, quantization_config, resolve_model_path
 from .outputs import staged_files, write_json
-from .stages import LIVING_FILES, clear_stage, is_done, read_stage, stage_problems, write_stage
+from .stages import LIVING_FILES, clear_stage, differing_keys, is_done, read_stage, stage_problems, write_stage
 from .trainer import NoisyAdamWTrainer
 
 logger = logging.getLogger(__name__)
@@ -351,6 +351,12 @@ def _rebuild(run: PreparedRun, base_model: Any, step: int) -> tuple[Path, Any]:
     weights = ckpt / SAFETENSORS_NAME
     if not weights.is_file():
         raise OutputError(f"{ckpt} holds no {SAFETENSORS_NAME} to rebuild {cfg.output_dir} from; pass "
+                          "--overwrite_output_dir true to train it again")
+    marker = read_stage(cfg.output_dir)
+    changed = [] if marker is None else differing_keys(marker.get("settings"),
+                                                       train_settings(cfg, data_sha256(run.data_file)))
+    if changed:  # the checkpoint holds the adapter of those settings, not of this config
+        raise OutputError(f"{cfg.output_dir} was trained with other settings ({', '.join(changed[:8])}); pass "
                           "--overwrite_output_dir true to train it again")
     logger.info("rebuilding %s from %s (step %d, its last checkpoint); nothing is trained", cfg.output_dir, ckpt, step)
     peft_model = attach_lora(base_model if base_model is not None else load_base_model(cfg), cfg)

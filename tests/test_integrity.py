@@ -149,6 +149,15 @@ def test_damaged_adapter_without_checkpoints_names_the_file_and_the_command(dama
     assert "--overwrite_output_dir true" in err and "already finished" not in err
 
 
+@pytest.mark.parametrize("damaged", ["deleted"], indirect=True)
+def test_damaged_adapter_is_not_rebuilt_under_other_settings(damaged, capsys):
+    """Its last checkpoint holds the adapter of the recorded settings, not of the changed ones."""
+    out, _ = damaged
+    assert _train(out, "--resume_from_checkpoint", "true", "--learning_rate", "0.5") == 1
+    assert "trained with other settings (learning_rate)" in capsys.readouterr().err
+    assert not (out / WEIGHTS).exists()
+
+
 # ---------------------------------------------------------------------- ensemble members, merges
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory) -> tuple[Path, list[str], dict[Path, bytes]]:
@@ -172,6 +181,17 @@ def test_ensemble_rebuilds_damaged_members_and_merges_again(ensemble, how, caplo
     for path, data in weights.items():  # the members as trained, and their merge
         assert path.read_bytes() == data, path
     assert all(is_done(out / d) for d in ("adapter_0", "adapter_1", "merged"))
+
+
+def test_ensemble_refuses_a_damaged_member_under_other_settings(ensemble, capsys):
+    out, args, weights = ensemble
+    path = out / "adapter_0" / WEIGHTS
+    path.unlink()
+    assert cli.main([*args, "--learning_rate", "0.5"]) == 1
+    assert "trained with other settings (learning_rate)" in capsys.readouterr().err
+    assert not path.exists()
+    path.write_bytes(weights[path])  # the same bytes back: intact again
+    assert is_done(out / "adapter_0")
 
 
 @pytest.mark.parametrize("how", ["deleted", "truncated"])
