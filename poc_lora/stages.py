@@ -17,9 +17,9 @@ whatever its settings. A rerun skips a stage that :func:`is_current` accepts and
 otherwise (removing the marker first, so an interrupted recomputation is never taken for a
 finished one). Markers of earlier releases record no files and count as not done.
 
-Checking a stage hashes its files (sha256, streamed); a file's hash is remembered in this
-process for as long as its size, mtime and inode are unchanged, so the several checks a run
-makes of one merged model read it once.
+Checking a stage hashes its files (sha256, streamed); the hash of a file last modified more than
+two seconds before is remembered in this process for as long as its size, mtime and inode are
+unchanged, so the several checks a run makes of one merged model read it once.
 
 Example:
     >>> from poc_lora.stages import is_current, write_stage
@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -51,6 +52,10 @@ LIVING_FILES = frozenset({"README.md"})
 NOT_COMPUTED = "not computed yet"
 
 _HASHES: dict[tuple[str, int, int, int], str] = {}
+# Filesystem timestamps tick coarsely (a few ms), so a file rewritten with the same size right after
+# it was hashed can keep its mtime; like git's "racily clean" rule, only the hash of a file older
+# than this when it was hashed is remembered.
+_RACY_NS = 2_000_000_000
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -61,9 +66,12 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 def _file_sha256(path: Path, st: os.stat_result) -> str:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _HASHES:
-        _HASHES[key] = sha256_file(path)
-    return _HASHES[key]
+    digest = _HASHES.get(key)
+    if digest is None:
+        digest = sha256_file(path)
+        if time.time_ns() - st.st_mtime_ns > _RACY_NS:
+            _HASHES[key] = digest
+    return digest
 
 
 def output_files(directory: str | os.PathLike) -> list[str]:
