@@ -23,6 +23,7 @@ SMALL = ["--synthetic_train_per_suite", "8", "--synthetic_test_per_suite", "2", 
          "--per_device_train_batch_size", "4", "--max_steps", "6", "--save_steps", "3", "--warmup_steps", "0",
          "--logging_steps", "3", "--save_total_limit", "2", "--disable_tqdm", "true"]
 WEIGHTS = "adapter_model.safetensors"
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
 
 
 def _damage(path: Path, how: str) -> None:
@@ -81,15 +82,6 @@ def test_marker_of_an_earlier_release_without_files_is_not_done(tmp_path):
 
 
 # --------------------------------------------------------------------------- trained adapters
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """A private cache for the tiny model and the synthetic data."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POC_LORA_CACHE", str(path))
-        yield path
-
-
 def _train(out: Path, *extra: str) -> int:
     return cli.main(["train", "--config", TINY, "--output_dir", str(out), *SMALL, *extra])
 
