@@ -48,6 +48,8 @@ class SuiteResult:
     seconds: float
     examples_per_second: float | None
     settings: dict[str, Any] = field(default_factory=dict)
+    # prompts left-truncated to fit the model's context (eval_harness.scoring's rule); 0 in older files
+    truncated_prompts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

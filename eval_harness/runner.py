@@ -12,8 +12,10 @@ Output layout (``output``)::
     summary.json                        every model and suite, averages, mode, templates, timing
     results.md, results.csv             the paper's table layout (SIQA ... HellaSwag, Ave.)
 
-A finished suite/model pair (its ``summary.json`` exists with the same settings) is skipped on
-a re-run; ``overwrite=True`` recomputes it. Different settings in the same output are refused.
+A finished suite/model pair (its ``summary.json`` exists with the same settings, and its stage
+marker, :mod:`poc_lora.stages`, vouches that both files are intact) is skipped on a re-run;
+``overwrite=True`` recomputes it, as does a missing, truncated or changed file. Different
+settings in the same output are refused.
 
 Example:
     >>> from eval_harness import evaluate
@@ -40,7 +42,7 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 from poc_lora.config import EvalArguments
-from poc_lora.stages import differing_keys
+from poc_lora.stages import differing_keys, stage_problems, write_stage
 
 from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile, sha256_file
 from poc_lora.data.suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
@@ -228,7 +230,10 @@ def _finished(path: Path, settings: dict[str, Any], overwrite: bool) -> bool:
             f"{path} was computed with other settings ({', '.join(diff)}); "
             "pass --overwrite (overwrite=True) or use another output directory"
         )
-    return True
+    problems = stage_problems(path.parent)
+    if problems:
+        logger.warning("%s cannot be reused (%s); recomputing this pair", path.parent, "; ".join(problems))
+    return not problems
 
 
 def _sha(text: str) -> str:
@@ -238,20 +243,24 @@ def _sha(text: str) -> str:
 def _score_suite(model: Any, tokenizer: Any, spec: ModelSpec, suite: Suite, records: list[dict[str, str]],
                  opts: dict[str, Any]) -> list[dict[str, Any]]:
     prompts = [spec.template.eval_prompt(r) for r in records]
+    truncated: list[int] = []  # prompts left-truncated to fit the model's context (scoring's one rule)
     with tqdm(total=len(records), desc=f"{spec.key}/{suite.name}", unit="ex", leave=False) as bar:
         if opts["mode"] == "generate":
             texts = generate_responses(
                 model, tokenizer, prompts, batch_size=opts["batch_size"], num_beams=opts["num_beams"],
                 max_new_tokens=opts["max_new_tokens"], response_split=spec.template.response_split,
-                progress=bar.update,
+                progress=bar.update, truncated=truncated,
             )
             outputs = [{"generated": t, "prediction": extract_answer(suite, t)} for t in texts]
         else:
             cands = [candidate_labels(suite, r["instruction"]) for r in records]
-            scores = rank_scores(model, tokenizer, prompts, cands, batch_size=opts["batch_size"], progress=bar.update)
+            scores = rank_scores(model, tokenizer, prompts, cands, batch_size=opts["batch_size"], progress=bar.update,
+                                 truncated=truncated)
             outputs = [{"scores": s, "prediction": rank_prediction(s)} for s in scores]
+    cut = set(truncated)
     return [
-        {"index": i, "prompt_sha256": _sha(p), **o, "label": r["answer"], "correct": o["prediction"] == r["answer"]}
+        {"index": i, "prompt_sha256": _sha(p), **o, "label": r["answer"], "correct": o["prediction"] == r["answer"],
+         "prompt_truncated": i in cut}
         for i, (p, r, o) in enumerate(zip(prompts, records, outputs))
     ]
 
@@ -276,8 +285,10 @@ def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[s
         seconds=round(seconds, 3),
         examples_per_second=round(len(rows) / seconds, 3) if seconds > 0 else None,
         settings=settings,
+        truncated_prompts=sum(bool(r.get("prompt_truncated")) for r in rows),
     )
-    write_json(pair_dir / "summary.json", summary.to_dict())  # written last: marks the pair as finished
+    write_json(pair_dir / "summary.json", summary.to_dict())
+    write_stage(pair_dir, "eval", settings, files=["predictions.jsonl", "summary.json"])  # last: the pair is done
     return summary
 
 
@@ -361,6 +372,7 @@ def evaluate(
                 max_new_tokens=max_new_tokens, dtype=dtype, load_in_4bit=load_in_4bit)
     holder = _ModelHolder(base_model, dtype, load_in_4bit)
     models: dict[str, ModelResult] = {}
+    warned: set[str] = set()  # suites whose over-long prompts were already reported
     for index, spec in enumerate(specs):
         summaries: dict[str, SuiteResult] = {}
         for suite in suites:
@@ -375,6 +387,11 @@ def evaluate(
             t0 = time.perf_counter()
             rows = _score_suite(model, holder.tokenizer, spec, suite, data[suite.name], opts)
             summaries[suite.name] = _write_pair(pair_dir, spec, suite, rows, settings, time.perf_counter() - t0)
+            if summaries[suite.name].truncated_prompts and suite.name not in warned:
+                warned.add(suite.name)
+                logger.warning("%s: %d of %d prompts are longer than the model's context minus the completion; they "
+                               "were left-truncated (truncated_prompts in the suite summaries)", suite.name,
+                               summaries[suite.name].truncated_prompts, len(rows))
             logger.info("%s/%s: accuracy %.4f", spec.key, suite.name, summaries[suite.name].accuracy)
         models[spec.key] = ModelResult(
             kind=spec.kind,

@@ -11,6 +11,15 @@ depend on the batch size (tested against batch size 1 in fp32).
 is run once per example and its KV cache is gathered into one row per candidate, so only the
 few completion tokens are computed per candidate. No generation.
 
+*Prompts longer than the model's context* (``max_position_embeddings`` of its config), in both
+modes the same way: the prompt is left-truncated so that prompt + completion fit in the context,
+i.e. to ``context - max_new_tokens`` tokens (generate) or ``context - len(completion tokens)``
+(rank, the longest candidate of that example). The BOS token, when the tokenizer adds one, is
+kept; the oldest tokens after it are dropped (the question and options sit at the end of the
+prompt, the instruction preamble at its start). Both functions report the indices they
+truncated through their ``truncated`` list (the runner counts them as ``truncated_prompts`` in
+each suite summary and warns once per suite); without that list they log a warning themselves.
+
 Example:
     >>> extract_answer("boolq", "the correct answer is trueness")
     'true'
@@ -31,6 +40,7 @@ from transformers import GenerationConfig
 
 from poc_lora.config import EvalArguments
 from poc_lora.data.suites import Suite, get_suite
+from poc_lora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 DEFAULTS = EvalArguments()  # the one source of the evaluation defaults (poc_lora.config)
@@ -95,6 +105,15 @@ def _batches(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _left_padded(rows: list[list[int]], pad: int, device: Any) -> tuple[Any, Any]:
+    """``input_ids`` and ``attention_mask`` of ``rows`` left-padded to the longest (as the
+    tokenizer pads with ``padding_side="left"``)."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 def _position_ids(attention_mask: Any) -> Any:
     # Left padding: real tokens get positions 0..n-1 exactly as without padding.
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -112,6 +131,47 @@ def _forward_kwargs(model: Any) -> tuple[str, str | None]:
     cache = "cache" if "cache" in params else "past_key_values"
     keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
     return cache, keep
+
+
+def context_length(model: Any) -> int | None:
+    """The number of positions the model was trained for (its config's ``max_position_embeddings``,
+    or ``n_positions`` / ``max_sequence_length`` / ``seq_length``); None when it names none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_context(ids: list[int], context: int | None, reserve: int, bos_token_id: int | None) -> list[int]:
+    """``ids`` (a prompt's tokens) left-truncated so that they and ``reserve`` completion tokens
+    fit in ``context`` positions; a leading ``bos_token_id`` is kept. Unchanged when they fit or
+    ``context`` is None.
+
+    Raises ConfigError when ``reserve`` leaves no room for a prompt token after the BOS.
+
+    Example:
+        >>> fit_context([1, 5, 6, 7, 8], context=4, reserve=1, bos_token_id=1)
+        [1, 7, 8]
+    """
+    if context is None or len(ids) + reserve <= context:
+        return ids
+    keep = 1 if ids and bos_token_id is not None and ids[0] == bos_token_id else 0
+    room = context - reserve - keep
+    if room < 1:
+        raise ConfigError(f"a completion of {reserve} tokens leaves no room for the prompt in the model's context "
+                          f"of {context} tokens; lower max_new_tokens")
+    return ids[:keep] + ids[len(ids) - room:]
+
+
+def _report_truncated(cut: list[int], total: int, context: int | None, truncated: list[int] | None) -> None:
+    if truncated is not None:
+        truncated.extend(cut)
+    elif cut:
+        logger.warning("%d of %d prompts are longer than the model's context (%s tokens) minus the completion; "
+                       "they were left-truncated", len(cut), total, context)
 
 
 def generation_config(tokenizer: Any, num_beams: int = DEFAULTS.num_beams, max_new_tokens: int = DEFAULTS.max_new_tokens) -> Any:
@@ -137,24 +197,31 @@ def generate_responses(
     max_new_tokens: int = DEFAULTS.max_new_tokens,
     response_split: str = "### Response:",
     progress: Callable[[int], Any] | None = None,
+    truncated: list[int] | None = None,
 ) -> list[str]:
     """Beam-search responses for ``prompts``, in their order (the text after the prompt, cut at
     the first EOS and at any further ``response_split`` marker, stripped).
+
+    A prompt longer than the model's context minus ``max_new_tokens`` is left-truncated (module
+    docstring); its index is appended to ``truncated`` when that list is given.
 
     Example:
         >>> generate_responses(model, tok, ["### Response:\\n"], batch_size=1)  # doctest: +SKIP
         ['the correct answer is true']
     """
     config = generation_config(tokenizer, num_beams, max_new_tokens)
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    context = context_length(model)
+    encoded = tokenizer(list(prompts))["input_ids"]
+    fitted = [fit_context(ids, context, max_new_tokens, tokenizer.bos_token_id) for ids in encoded]
+    _report_truncated([i for i, (a, b) in enumerate(zip(encoded, fitted)) if len(a) != len(b)], len(prompts),
+                      context, truncated)
     out: list[str] = [""] * len(prompts)
     device = _model_device(model)
-    for batch in _batches(_length_order(lengths), batch_size):
-        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left")
-        enc = enc.to(device)
+    for batch in _batches(_length_order([len(ids) for ids in fitted]), batch_size):
+        ids, mask = _left_padded([fitted[i] for i in batch], tokenizer.pad_token_id, device)
         with torch.inference_mode():
-            seqs = model.generate(**enc, generation_config=config)
-        new = seqs[:, enc["input_ids"].shape[1] :].tolist()
+            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        new = seqs[:, ids.shape[1] :].tolist()
         for i, ids in zip(batch, new):
             if tokenizer.eos_token_id in ids:  # batched rows are padded after their EOS
                 ids = ids[: ids.index(tokenizer.eos_token_id)]
@@ -199,12 +266,15 @@ def rank_scores(
     batch_size: int = DEFAULTS.batch_size,
     completion_format: str = CANDIDATE_FORMAT,
     progress: Callable[[int], Any] | None = None,
+    truncated: list[int] | None = None,
 ) -> list[dict[str, float]]:
     """Summed log-probability of ``completion_format.format(label=...)`` for each candidate label.
 
     ``candidates[i]`` are the labels of ``prompts[i]``; returns ``[{label: logprob}, ...]`` in
     prompt order. ``batch_size`` prompts are run together (left-padded); their KV cache is then
     gathered into one row per (prompt, candidate) and all continuations run in one batch.
+    A prompt whose tokens and longest candidate exceed the model's context is left-truncated
+    (module docstring); its index is appended to ``truncated`` when that list is given.
 
     Example:
         >>> rank_scores(model, tok, [prompt], [("true", "false")])  # doctest: +SKIP
@@ -214,6 +284,11 @@ def rank_scores(
         _split_candidates(tokenizer, p, [completion_format.format(label=c) for c in cands])
         for p, cands in zip(prompts, candidates)
     ]
+    context = context_length(model)
+    fitted = [(fit_context(ctx, context, max(map(len, conts)), tokenizer.bos_token_id), conts) for ctx, conts in split]
+    _report_truncated([i for i, (a, b) in enumerate(zip(split, fitted)) if len(a[0]) != len(b[0])], len(prompts),
+                      context, truncated)
+    split = fitted
     pad = tokenizer.pad_token_id
     device = _model_device(model)
     cache_arg, keep_arg = _forward_kwargs(model)
@@ -222,10 +297,7 @@ def rank_scores(
     last_only = {keep_arg: 1} if keep_arg else {}
     scores: list[dict[str, float]] = [{} for _ in prompts]
     for batch in _batches(_length_order([len(s[0]) for s in split]), batch_size):
-        ctx = [split[i][0] for i in batch]
-        width = max(map(len, ctx))
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctx], device=device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctx], device=device)
+        ids, mask = _left_padded([split[i][0] for i in batch], pad, device)
         with torch.inference_mode():
             out = model(
                 input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=True, **last_only

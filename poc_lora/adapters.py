@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ import torch
 
 from .data.templates import TEMPLATE_RECORD_FILE
 from .errors import AdapterError, OutputError
+from .outputs import sha256_file  # re-exported: the one file hash, used by stage markers too
 from .safetensors_io import TensorFile, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -186,17 +186,6 @@ def check_finite(t: torch.Tensor, label: str, key: str) -> None:
     """Raise :class:`AdapterError` if ``t`` holds NaN or Inf."""
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise AdapterError(f"{label}: tensor {key} contains NaN or Inf values")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, read into one reused 1 MiB buffer (no per-chunk allocations, which
-    fragmented the heap by tens of MB); hashlib releases the GIL, so a thread overlaps it."""
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(chunk))
-    with open(path, "rb") as fh:
-        while n := fh.readinto(buf):
-            h.update(buf[:n])
-    return h.hexdigest()
 
 
 MERGE_REPORT_NAME = "merge_report.json"  # marks a directory written by poc-lora merge

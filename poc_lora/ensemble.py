@@ -23,8 +23,10 @@ Strategies:
   (accelerate's multi-node launch) when ``output_dir`` is on a shared filesystem.
 
 Rerunning the same command resumes: finished members trained with the same settings (their
-stage marker, :mod:`poc_lora.stages`, holds the same :func:`~poc_lora.train.train_settings`) are
-skipped, an interrupted one continues from its last checkpoint. A finished member whose settings
+stage marker, :mod:`poc_lora.stages`, holds the same :func:`~poc_lora.train.train_settings` and
+their files are intact) are skipped, an interrupted one continues from its last checkpoint, and
+one whose files are missing, truncated or changed is rebuilt from its last checkpoint (trained
+again when it has none). A finished member whose settings
 differ is an error naming the changed keys (``retrain_stale=True``, as the pipeline passes,
 trains it again instead); a finished member is never changed by a resume.
 
@@ -57,9 +59,9 @@ from .data.instructions import resolve_data_path
 from .errors import ConfigError, OutputError, PocLoraError
 from .merge import merge_adapters
 from .outputs import write_json
-from .stages import changed_settings, is_current, stage_hash, write_stage
-from .train import (AUTO_RESUME, data_sha256, is_complete, load_base_model, load_checked_records, prepare_run,
-                    run_training, tokenize_run, train_settings)
+from .stages import changed_settings, is_current, read_stage, stage_hash, write_stage
+from .train import (AUTO_RESUME, DONE_FILE, data_sha256, is_complete, load_base_model, load_checked_records,
+                    prepare_run, run_training, tokenize_run, train_settings)
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,8 @@ def _train_members(members: list[TrainConfig], mine: list[int], records: list, d
     todo = []
     for j in mine:  # every check before the (expensive) model load
         m = members[j]
-        if is_complete(m.output_dir) and not m.poc.overwrite_output_dir:
+        finished = read_stage(m.output_dir) is not None or (m.output_dir / DONE_FILE).is_file()  # maybe damaged
+        if finished and not m.poc.overwrite_output_dir:
             settings = train_settings(m, data_sha)
             if is_current(m.output_dir, settings):
                 skipped.append(j)
@@ -168,6 +171,9 @@ def _train_members(members: list[TrainConfig], mine: list[int], records: list, d
             changed = changed_settings(m.output_dir, settings)
             if changed == ["not computed yet"]:
                 changed = ["no record of its training settings"]
+            if not changed:  # same settings, damaged files: prepare_run rebuilds it from its last checkpoint
+                todo.append((j, prepare_run(m, records=records)))
+                continue
             if not retrain_stale:
                 raise OutputError(
                     f"{m.output_dir} holds adapter {j} trained with other settings ({', '.join(changed[:8])}); "

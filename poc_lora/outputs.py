@@ -3,8 +3,10 @@
 Every command that writes a directory or a file goes through these helpers, so an
 interrupted or failed run never leaves a half-written result behind, and an existing
 result is only replaced when the user asked for it (``overwrite=True``). Results get the
-permissions ``mkdir``/``open`` would give them (0755/0644 under umask 022), not the private
-0700/0600 of temporary files.
+permissions ``mkdir``/``open`` would give them (0755/0644 under umask 022, 0700/0600 under 077),
+whatever the writer did: not the private 0700/0600 of temporary files, nor the 0600 that
+safetensors gives every file it writes (:func:`follow_umask`, applied to every result before its
+rename and by :class:`~poc_lora.trainer.NoisyAdamWTrainer` to every checkpoint).
 
 Example:
     >>> from poc_lora.outputs import atomic_output_dir
@@ -15,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +43,43 @@ def current_umask() -> int:
     return mask
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a directory and everything under it) the permissions ``open`` and
+    ``mkdir`` would give under the process umask: files ``0o666 & ~umask``, directories
+    ``0o777 & ~umask``. The one place outputs get their modes, so a writer that picks its own
+    (safetensors writes 0600, ``mkstemp`` 0600, ``mkdtemp`` 0700) does not decide them.
+    Symbolic links are left alone.
+
+    Example:
+        >>> follow_umask("runs/a0/checkpoint-6")  # 0644 files, 0755 dirs under umask 022  # doctest: +SKIP
+    """
+    mask = current_umask()
+    root = Path(path)
+    if root.is_symlink():
+        return
+    if not root.is_dir():
+        os.chmod(root, 0o666 & ~mask)
+        return
+    os.chmod(root, 0o777 & ~mask)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            item = Path(parent) / name
+            if not item.is_symlink():
+                os.chmod(item, (0o777 if name in dirs else 0o666) & ~mask)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file (hex), streamed through one reused 1 MiB buffer (no per-chunk allocations,
+    which fragmented the heap by tens of MB; a 15 GB merged model costs no more memory than a
+    small adapter); hashlib releases the GIL, so a thread overlaps it."""
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(chunk))
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buf):
+            h.update(buf[:n])
+    return h.hexdigest()
+
+
 def check_output_path(output: str | os.PathLike, overwrite: bool = False) -> Path:
     """Return ``output`` as a Path, or raise :class:`OutputError` if it exists and
     ``overwrite`` is false. Call it before any expensive work so the user learns early."""
@@ -59,9 +99,9 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
     out = check_output_path(output, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the result should look like mkdir's
     try:
         yield tmp
+        follow_umask(tmp)  # mkdtemp made it 0700, safetensors its files 0600: the result looks like mkdir's
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -94,9 +134,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], suffix: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; open() would honour the umask
         os.close(fd)
         write(Path(tmp))
+        follow_umask(tmp)  # mkstemp made it 0600 (and a writer may recreate it); open() would honour the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -122,6 +162,7 @@ def staged_files(directory: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         for item in tmp.iterdir():
+            follow_umask(item)  # e.g. safetensors' 0600
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -324,7 +324,7 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
     # evaluation settings alone, so the runner's own per-pair check decides whether it is current.
     result = evaluate(base_model, adapters, list(merges.values()), include_base=cfg.eval.include_base or None,
                       overwrite=False, **common)
-    write_stage(out, "eval", collected)
+    write_stage(out, "eval", collected, files=["summary.json", "results.md", "results.csv"])
     return result
 
 
@@ -495,7 +495,7 @@ def run_pipeline(
     report = _report(cfg, out, evaluation, merges, adapters, timing)
 
     add_evaluation_cards(evaluation, report.columns, report.table, {s: SUITES[s].column for s in SUITES})
-    write_stage(out, "report", report_settings)
+    write_stage(out, "report", report_settings, files=["report.md", "report.png", "report.json"])
     return report
 
 

@@ -8,7 +8,8 @@ checkpoint), then trains with :class:`~poc_lora.trainer.NoisyAdamWTrainer` and w
     adapter_config.json, adapter_model.safetensors   (PEFT; base_model_name_or_path as configured)
     poc_lora_template.json                          (template name + hash, read by evaluation)
     poc_lora_config.yaml / .json                    (the resolved config; rerunnable)
-    poc_lora_train.json                             (metrics; written last = "this adapter is done")
+    poc_lora_train.json                             (metrics)
+    .poc_lora_stage.json                            (stage marker, written last = "this adapter is done")
     checkpoint-<step>/                               (Trainer checkpoints, if save_strategy says so)
 
 ``--resume_from_checkpoint true`` (or a checkpoint path) continues an interrupted run and ends
@@ -19,8 +20,12 @@ changes nothing: it says the adapter is finished and returns (exit 0), like Trai
 a run that has reached ``max_steps``.
 
 The last file written is the stage marker (:mod:`poc_lora.stages`) holding
-:func:`train_settings`, which the ensemble and the pipeline compare to decide whether an
-existing adapter is still the one their settings ask for.
+:func:`train_settings` and the size and sha256 of every adapter file (all but the model card and
+the checkpoints), which the ensemble and the pipeline compare to decide whether an existing
+adapter is still the one their settings ask for. An adapter whose files are missing, truncated
+or changed is *not* finished: a resume rebuilds it from the last checkpoint (the final one holds
+the finished weights, so nothing is trained again), and without a resume, or without a
+checkpoint, the command names the damaged file and the flag to pass.
 
 Example:
     >>> from poc_lora.train import train_adapter
@@ -39,11 +44,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import set_seed
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .adapters import sha256_file
+from .adapters import SAFETENSORS_NAME, sha256_file
 from .cards import write_training_card
 from .config import CONFIG_FILE, TrainConfig, load_config
 from .data.instructions import build_datasets, data_collator, load_records, resolve_data_path
@@ -51,7 +58,7 @@ from .data.templates import TEMPLATE_RECORD_FILE, get_template, template_record
 from .errors import ConfigError, OutputError
 from .models import load_model, load_tokenizer, quantization_config, resolve_model_path
 from .outputs import staged_files, write_json
-from .stages import clear_stage, write_stage
+from .stages import LIVING_FILES, clear_stage, differing_keys, is_done, read_stage, stage_problems, write_stage
 from .trainer import NoisyAdamWTrainer
 
 logger = logging.getLogger(__name__)
@@ -63,8 +70,19 @@ AUTO_RESUME = "auto"  # resume from the last checkpoint if there is one, else st
 
 
 def is_complete(output_dir: str | os.PathLike) -> bool:
-    """True when ``output_dir`` holds a finished adapter (its completion record is written last)."""
-    return (Path(output_dir) / DONE_FILE).is_file()
+    """True when ``output_dir`` holds a finished adapter: its stage marker (written last) is there
+    and every file it vouches for is intact (:func:`poc_lora.stages.stage_problems`)."""
+    return is_done(output_dir)
+
+
+def damage(output_dir: str | os.PathLike) -> list[str]:
+    """What is wrong with a finished run in ``output_dir`` whose outputs are no longer intact
+    (e.g. ``["adapter_model.safetensors is missing"]``); ``[]`` when it is intact or when there
+    is no finished run there at all (a fresh or an interrupted one)."""
+    out = Path(output_dir)
+    if read_stage(out) is None:
+        return ["its stage marker is missing"] if (out / DONE_FILE).is_file() else []
+    return stage_problems(out)
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -116,6 +134,11 @@ def _resolve_resume(cfg: TrainConfig) -> str | None:
     if str(value).lower() in _LAST:
         ckpt = last_checkpoint(out)
         if ckpt is None:
+            broken = damage(out)
+            if broken:
+                raise OutputError(f"{out} is not a finished adapter: {'; '.join(broken)}, and it holds no "
+                                  "checkpoint-<step> to rebuild it from; run the same command with "
+                                  "--overwrite_output_dir true instead of --resume_from_checkpoint to train it again")
             raise ConfigError(f"resume_from_checkpoint={value}: no checkpoint-<step> directory in {out}")
         return ckpt
     if not (Path(value) / "trainer_state.json").is_file():
@@ -132,6 +155,16 @@ def _check_output(cfg: TrainConfig, resume: str | None) -> None:
     if is_complete(out) and resume is None:
         raise OutputError(f"output_dir {out} already holds a trained adapter; pass --overwrite_output_dir true "
                           "to train again")
+    broken = damage(out)
+    if broken:
+        ckpt = resume or last_checkpoint(out)
+        if resume is None and str(cfg.training.resume_from_checkpoint).lower() != AUTO_RESUME:
+            rebuild = f"--resume_from_checkpoint true to rebuild it from {Path(ckpt).name}, or " if ckpt else ""
+            raise OutputError(f"output_dir {out} holds a trained adapter whose files are not intact "
+                              f"({'; '.join(broken)}); pass {rebuild}--overwrite_output_dir true to train it again")
+        logger.warning("%s is not intact (%s); %s", out, "; ".join(broken),
+                       f"rebuilding it from {resume}" if resume else "training it again")
+        return
     if resume is None and last_checkpoint(out) is not None:
         raise OutputError(f"output_dir {out} holds checkpoints of an unfinished run; pass "
                           "--resume_from_checkpoint true to continue it or --overwrite_output_dir true to restart")
@@ -247,17 +280,23 @@ def _replicas_identical(model: Any) -> bool | None:
 
 
 def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Path:
-    """Adapter files into a temporary sibling, then moved into output_dir; the record goes last."""
+    """Adapter files into a temporary sibling, then moved into output_dir; then the record, and
+    last the stage marker vouching for all of them (not for the checkpoints).
+
+    ``trainer``: the Trainer that trained the adapter, or the PEFT model itself."""
     out = run.cfg.output_dir
+    model = trainer.model if isinstance(trainer, Trainer) else trainer
     with staged_files(out) as tmp:
         # "auto" would look the base model up (a network call for a hub id) to see whether the
         # embeddings changed; they only can when the LoRA targets them.
         embeddings = any(m in ("embed_tokens", "lm_head") for m in run.cfg.lora.lora_target_modules)
-        trainer.model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=embeddings)
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=embeddings)
         write_json(tmp / TEMPLATE_RECORD_FILE, template_record(run.template))
         run.cfg.save(tmp)
         write_training_card(tmp, run.cfg, record)  # replaces PEFT's empty README.md template
+        files = [p.name for p in tmp.iterdir() if p.name not in LIVING_FILES]
     write_json(out / DONE_FILE, record)
+    write_stage(out, "train", train_settings(run.cfg, data_sha256(run.data_file)), files=[*files, DONE_FILE])
     return out
 
 
@@ -284,6 +323,61 @@ def _log_finished(cfg: TrainConfig) -> None:
                    "--overwrite_output_dir true (overwrite_output_dir=True) to train it again.", cfg.output_dir, step)
 
 
+def _final_step(cfg: TrainConfig, checkpoint: str) -> int | None:
+    """The step of ``checkpoint`` when it is its run's last one (its ``global_step`` reached the
+    run's ``max_steps``, and the config asks for no other ``max_steps``), else None."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        step, total = int(state["global_step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    asked = cfg.training.max_steps
+    return step if 0 < total <= step and (asked <= 0 or asked == total) else None
+
+
+def _previous_record(out: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((out / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _rebuild(run: PreparedRun, base_model: Any, step: int) -> tuple[Path, Any]:
+    """A finished run whose adapter files were damaged, resumed from its last checkpoint: that
+    checkpoint holds the finished weights, so they are loaded and the adapter is written again
+    (Trainer, resumed at ``max_steps``, would train one step more)."""
+    cfg, ckpt = run.cfg, Path(str(run.resume))
+    weights = ckpt / SAFETENSORS_NAME
+    if not weights.is_file():
+        raise OutputError(f"{ckpt} holds no {SAFETENSORS_NAME} to rebuild {cfg.output_dir} from; pass "
+                          "--overwrite_output_dir true to train it again")
+    marker = read_stage(cfg.output_dir)
+    changed = [] if marker is None else differing_keys(marker.get("settings"),
+                                                       train_settings(cfg, data_sha256(run.data_file)))
+    if changed:  # the checkpoint holds the adapter of those settings, not of this config
+        raise OutputError(f"{cfg.output_dir} was trained with other settings ({', '.join(changed[:8])}); pass "
+                          "--overwrite_output_dir true to train it again")
+    logger.info("rebuilding %s from %s (step %d, its last checkpoint); nothing is trained", cfg.output_dir, ckpt, step)
+    peft_model = attach_lora(base_model if base_model is not None else load_base_model(cfg), cfg)
+    state = load_file(str(weights))
+    expected = set(get_peft_model_state_dict(peft_model))
+    if set(state) != expected:
+        raise OutputError(f"{weights} does not hold this config's LoRA weights ({len(set(state) ^ expected)} keys "
+                          "differ); pass --overwrite_output_dir true to train the adapter again")
+    set_peft_model_state_dict(peft_model, state)
+    previous = _previous_record(cfg.output_dir)
+    if previous.get("global_step") != step:
+        previous = {"adapter": str(cfg.output_dir), "global_step": step, "metrics": {}, "seed": cfg.training.seed,
+                    "noise_seed": cfg.noise_seed, "temperature": cfg.poc.temperature, "data_file": run.data_file,
+                    "world_size": cfg.training.world_size}
+    clear_stage(cfg.output_dir)
+    (cfg.output_dir / DONE_FILE).unlink(missing_ok=True)
+    if cfg.training.should_save:
+        _write_adapter(peft_model, run, {**previous, "rebuilt_from": str(ckpt)})
+    return cfg.output_dir, peft_model
+
+
 def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
     """Train the prepared run (on ``base_model`` if given, else a freshly loaded one).
 
@@ -295,6 +389,9 @@ def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
     if run.finished:
         _log_finished(cfg)
         return cfg.output_dir, None
+    step = _final_step(cfg, run.resume) if run.resume else None
+    if step is not None:  # damaged outputs, or a crash between the last checkpoint and the adapter
+        return _rebuild(run, base_model, step)
     tokenize_run(run)
     tokenizer, train_ds, eval_ds = run.tokenizer, run.train_dataset, run.eval_dataset
     model = base_model if base_model is not None else load_base_model(cfg)
@@ -302,6 +399,7 @@ def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
     if cfg.poc.overwrite_output_dir and run.resume is None:
         _clear_previous(cfg.output_dir)
     clear_stage(cfg.output_dir)
+    (cfg.output_dir / DONE_FILE).unlink(missing_ok=True)  # an interrupted rebuild then reads as an interrupted run
     trainer = NoisyAdamWTrainer(
         model=peft_model, args=cfg.training, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=data_collator(tokenizer, cfg.data.pad_to_multiple_of),
@@ -323,7 +421,6 @@ def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
             "replicas_identical": same,
         }
         _write_adapter(trainer, run, record)
-        write_stage(cfg.output_dir, "train", train_settings(cfg, data_sha256(run.data_file)))
         logger.info("adapter written to %s (step %d, train loss %.4f)", cfg.output_dir,
                     trainer.state.global_step, metrics.get("train_loss", float("nan")))
     return cfg.output_dir, peft_model
@@ -361,5 +458,5 @@ def main_train(config_path: str, overrides: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["DONE_FILE", "attach_lora", "data_sha256", "tokenize_run", "train_settings", "is_complete", "last_checkpoint", "load_base_model", "lora_config",
+__all__ = ["DONE_FILE", "attach_lora", "damage", "data_sha256", "tokenize_run", "train_settings", "is_complete", "last_checkpoint", "load_base_model", "lora_config",
            "load_checked_records", "main_train", "prepare_run", "run_training", "train_adapter"]

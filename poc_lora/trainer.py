@@ -24,14 +24,17 @@ Example:
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.optim.optimizer import _get_foreach_kernels_supported_devices
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .errors import ConfigError
 from .optim import NoisyAdamW
+from .outputs import follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +135,25 @@ class NoiseScaleCallback(TrainerCallback):
             last.update(extra)
 
 
+class UmaskCheckpointsCallback(TrainerCallback):
+    """Gives every ``checkpoint-<step>`` directory the modes the process umask asks for
+    (:func:`poc_lora.outputs.follow_umask`): safetensors writes its files 0600 whatever the
+    umask, so without this a checkpoint's ``adapter_model.safetensors`` is private while the
+    files beside it are not. :class:`NoisyAdamWTrainer` adds it.
+
+    Example:
+        >>> Trainer(..., callbacks=[UmaskCheckpointsCallback()])  # doctest: +SKIP
+    """
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: D102
+        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and path.is_dir():
+            follow_umask(path)
+
+
 class NoisyAdamWTrainer(Trainer):
-    """Trainer whose optimizer is NoisyAdamW (built like Trainer's AdamW) and logs ``noise_scale``.
+    """Trainer whose optimizer is NoisyAdamW (built like Trainer's AdamW), which logs
+    ``noise_scale`` and writes checkpoints with the umask's modes (:class:`UmaskCheckpointsCallback`).
 
     Args:
         temperature: Langevin temperature lambda (the paper: 1e-5; 0 = plain AdamW).
@@ -157,6 +177,7 @@ class NoisyAdamWTrainer(Trainer):
         self.temperature, self.noise_seed = temperature, noise_seed
         # first in line, so reporting integrations see noise_scale in the same log call
         self.callback_handler.callbacks.insert(0, NoiseScaleCallback())
+        self.add_callback(UmaskCheckpointsCallback())
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Trainer's own create_optimizer (its grouping, incl. DTensor meshes) with NoisyAdamW."""

@@ -7,6 +7,18 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from poc_lora.runtime import configure_threads
 
 configure_threads(None if os.environ.get("OMP_NUM_THREADS") else 1)
+
+
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """A private cache (``POC_LORA_CACHE``) for the tiny model and the synthetic data, one per test
+    module (subprocesses inherit it); use it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POC_LORA_CACHE", str(path))
+        yield path

@@ -272,3 +272,30 @@ def test_report_says_what_it_is_draws_chance_and_rounds_like_the_eval_table(demo
     summary = json.loads((pipe / "eval" / "summary.json").read_text())
     merged = next(r for r in report["table"] if r["Method"] == "PoC merge")
     assert merged["Ave."] == 100 * summary["models"][merged["Model"]]["average"]
+
+
+# ------------------------------------------- damaged outputs: a stage is done only when its files are
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+def test_damaged_outputs_of_every_stage_are_recomputed(demo_run, how):
+    """A trained adapter, a merge, an evaluation pair and the report each lose (or half lose) a
+    file; the same command brings every one back, the deterministic ones bit for bit."""
+    from poc_lora.stages import is_done
+
+    pipe = demo_run / "pipeline"
+    damaged = {pipe / "adapters" / "adapter_1" / "adapter_model.safetensors": True,
+               pipe / "merges" / "svd" / "adapter_model.safetensors": True,
+               pipe / "eval" / "poc" / "boolq" / "predictions.jsonl": True,
+               pipe / "eval" / "results.csv": True,
+               pipe / "report.png": False}  # True: the same bytes come back
+    before = {p: p.read_bytes() for p in damaged}
+    for p in damaged:
+        if how == "deleted":
+            p.unlink()
+        else:
+            p.write_bytes(before[p][: len(before[p]) // 2])
+    report = run_pipeline(DEMO_CONFIG, pipe, QUICK_OVERRIDES)
+    for p, same in damaged.items():
+        assert p.is_file() and (p.read_bytes() == before[p] if same else p.stat().st_size > 0), p
+    for stage in ("adapters/adapter_1", "merges/svd", "eval/poc", "eval/poc/boolq", "eval", "."):
+        assert is_done(pipe / stage), stage
+    assert report.to_dict() == json.loads((pipe / "report.json").read_text())

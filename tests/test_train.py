@@ -27,13 +27,7 @@ SMALL = ["--synthetic_train_per_suite", "8", "--synthetic_test_per_suite", "2", 
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """A private cache for the tiny model and the synthetic data (subprocesses inherit it)."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POC_LORA_CACHE", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
 
 
 def _train(out: Path, *extra: str) -> int:
