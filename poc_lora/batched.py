@@ -320,9 +320,12 @@ class MemberOrderSampler(Sampler):
 
 
 def _member_major(collate: Any, num_members: int) -> Any:
-    """A collator for _MemberRows items: member 0's examples first, then member 1's, ..."""
-    def collate_stacked(items: list[list[dict[str, Any]]]) -> dict[str, torch.Tensor]:
-        return collate([item[m] for m in range(num_members) for item in items])
+    """A collator for _MemberRows items (member 0's examples first, then member 1's, ...); plain
+    examples (the evaluation set, read by all members) are collated as they are."""
+    def collate_stacked(items: list[Any]) -> dict[str, torch.Tensor]:
+        if items and isinstance(items[0], list):
+            items = [item[m] for m in range(num_members) for item in items]
+        return collate(items)
     return collate_stacked
 
 
@@ -482,8 +485,9 @@ def _batched_args(members: Sequence[TrainConfig], root: Path) -> TrainingArgumen
 
 
 def _members_record(runs: Sequence[PreparedRun], data_sha: str | None, data_order: str) -> dict[str, Any]:
+    # directory names, not paths: a copy of the output dir (or a moved one) still resumes
     return {"data_order": data_order,
-            "members": [{"output_dir": str(r.cfg.output_dir),
+            "members": [{"output_dir": r.cfg.output_dir.name,
                          "settings_sha256": settings_hash(train_settings(r.cfg, data_sha))} for r in runs]}
 
 
@@ -540,6 +544,15 @@ def train_batched(runs: Sequence[PreparedRun], root: str | Path, data_order: str
         return []
     members = [r.cfg for r in runs]
     check_members_compatible(members)
+    lora = members[0].lora
+    if lora.lora_bias != "none":  # checked before the model loads; _member_lora checks the layers
+        raise ConfigError(f"--strategy batched trains LoRA factors only, but lora_bias={lora.lora_bias!r} also "
+                          "trains the base model's biases, which the members would share; use --strategy "
+                          "sequential or lora_bias none")
+    shared_modules = [t for t in lora.lora_target_modules if t in ("embed_tokens", "lm_head")]
+    if shared_modules:
+        raise ConfigError(f"--strategy batched adapts linear layers only, not {', '.join(shared_modules)} "
+                          "(lora_target_modules); use --strategy sequential")
     root = Path(root)
     first = runs[0]
     tokenize_run(first)  # one tokenisation for all members: same records, template and cutoff
