@@ -198,9 +198,10 @@ class BatchedLoraModel(nn.Module):
             setattr(owner, child, getattr(owner, child).base_layer)
         return self.base
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Trainer's ``gradient_checkpointing``: the base model's own (per decoder layer)."""
-        self.base.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Trainer's ``activation_checkpointing``: the base model's own (per decoder layer; the
+        trunk hooks run inside each checkpointed layer, so its recomputation tiles the same way)."""
+        self.base.activation_checkpointing_enable(**kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | int | None = None,
@@ -359,11 +360,12 @@ class BatchedTrainer(Trainer):
         """Each member's supervised-token count over the accumulated batch, (M,)."""
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
-        counts = torch.zeros(self.num_members, dtype=torch.long)
+        counts = None
         for batch in batch_samples:
             per_row = batch["labels"][:, 1:].ne(-100).sum(dim=1)
-            counts += per_row.view(self.num_members, -1).sum(1) if self.member_seeds is not None else per_row.sum()
-        return counts.to(device)
+            n = per_row.view(self.num_members, -1).sum(1) if self.member_seeds is not None else per_row.sum()
+            counts = n if counts is None else counts + n
+        return counts.expand(self.num_members).to(device)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> None:
         """No norm across members (Trainer's ``grad_norm`` log); each member's is ``member_<j>/grad_norm``."""
@@ -374,7 +376,8 @@ class BatchedTrainer(Trainer):
                      num_items_in_batch: Any = None) -> Any:
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
         if model.training and outputs.member_losses is not None:
-            self._loss_sum += outputs.member_losses.detach().float().cpu()
+            # kept on the model's device: no synchronisation per micro-batch, as Trainer's own tr_loss
+            self._loss_sum = self._loss_sum.to(outputs.member_losses.device) + outputs.member_losses.detach().float()
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
@@ -387,8 +390,9 @@ class BatchedTrainer(Trainer):
             self._last_logged = self.state.global_step
             opt: MemberOptimizers = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
             lr0 = float(opt.members[0].param_groups[0]["lr"])
+            sums = self._loss_sum.cpu()  # one synchronisation per log
             for j, member in enumerate(opt.members):
-                logs[f"member_{j}/loss"] = round(float(self._loss_sum[j]) / steps, 6)
+                logs[f"member_{j}/loss"] = round(float(sums[j]) / steps, 6)
                 lr = float(member.param_groups[0]["lr"])
                 if lr != lr0:
                     logs[f"member_{j}/learning_rate"] = lr
@@ -397,15 +401,15 @@ class BatchedTrainer(Trainer):
                     logs[f"member_{j}/noise_scale"] = scales[0]
                 if opt.last_grad_norms[j] is not None:
                     logs[f"member_{j}/grad_norm"] = opt.last_grad_norms[j]
-            self._loss_total += self._loss_sum
-            self._loss_sum.zero_()
+            self._loss_total = self._loss_total.to(self._loss_sum.device) + self._loss_sum
+            self._loss_sum = torch.zeros_like(self._loss_sum)
         super().log(logs, start_time)
 
     def member_train_losses(self, steps: int) -> list[float]:
         """Each member's mean training loss over the ``steps`` optimizer steps of this train() call
         (Trainer's ``train_loss``, per member)."""
-        total = self._loss_total + self._loss_sum
-        return [float(t) / max(steps, 1) for t in total]
+        total = self._loss_total.to(self._loss_sum.device) + self._loss_sum
+        return [float(t) / max(steps, 1) for t in total.cpu()]
 
     @torch.no_grad()
     def member_eval_losses(self) -> list[float]:
@@ -414,17 +418,20 @@ class BatchedTrainer(Trainer):
         model = self.model
         was_training = model.training
         model.eval()
-        total, rows = torch.zeros(self.num_members), 0
+        total, rows = 0.0, 0
         try:
             for batch in self.get_eval_dataloader():
                 batch = self._prepare_inputs(batch)
-                out = model(**batch)
+                with self.compute_loss_context_manager():
+                    out = model(**batch)
                 b = batch["input_ids"].shape[0]
-                total += out.member_losses.float().cpu() * b
+                total = total + out.member_losses.float() * b
                 rows += b
         finally:
             model.train(was_training)
-        return [float(t) / max(rows, 1) for t in total]
+        if rows == 0:
+            return [float("nan")] * self.num_members
+        return [float(t) / rows for t in total.cpu()]
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
