@@ -1,14 +1,17 @@
-"""M adapters trained independently (seeds seed+j), sequentially or one per process, then merged.
+"""M adapters trained independently (seeds seed+j), sequentially, one per process or batched, then merged.
 
 Layout under the config's ``output_dir``::
 
     adapter_<j>/      a plain PEFT adapter directory per member j = 0..M-1 (see poc_lora.train)
     merged/           with --merge: the PoC merge of all M (poc_lora.merge) + merge_report.json
-    ensemble.json     what was trained: seeds, noise seeds, strategy
+    batched/          with --strategy batched: Trainer checkpoints of the whole ensemble
+    ensemble.json     what was trained: seeds, noise seeds, strategy, data order
 
 Member j's training seed (LoRA init, dropout), data order and noise seed are all derived from
 ``seed + j`` (``data_seed`` and ``noise_seed`` too when set), so adapter j is the same whichever
-strategy trained it, up to floating-point reduction order.
+strategy trained it, up to floating-point reduction order (and dropout masks, in batched mode).
+``data_order="shared"`` gives every member the base config's data seed instead (one micro-batch
+sequence for the ensemble; LoRA init and noise still differ).
 
 Strategies:
 
@@ -21,10 +24,13 @@ Strategies:
   DDP nor averages gradients) and sees only its own GPU. Completion is signalled through the
   launcher's rendezvous store; rank 0 waits for all ranks, then merges. Works across nodes
   (accelerate's multi-node launch) when ``output_dir`` is on a shared filesystem.
+* ``batched``: one process, one copy of the base, all members in one pass per micro-batch
+  (:mod:`poc_lora.batched`); with ``data_order="shared"`` the frozen layers below the first
+  adapted one run once for all members.
 
 Rerunning the same command resumes: finished members trained with the same settings (their
 stage marker, :mod:`poc_lora.stages`, holds the same :func:`~poc_lora.train.train_settings`) are
-skipped, an interrupted one continues from its last checkpoint. A finished member whose settings
+skipped, an interrupted one continues from its last checkpoint (batched: the ensemble's). A finished member whose settings
 differ is an error naming the changed keys (``retrain_stale=True``, as the pipeline passes,
 trains it again instead); a finished member is never changed by a resume.
 
