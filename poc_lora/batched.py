@@ -179,7 +179,7 @@ class BatchedLoraModel(nn.Module):
         self.adapted = names
         split = first_adapted_layer(names)
         self.trunk = None
-        if split is not None and data_order == "shared":
+        if split is not None and data_order == "shared" and self.num_members > 1:
             self.trunk = SharedTrunk(base.get_submodule(split[0]), split[1], self.num_members)
             logger.info("members share the trunk below %s.%d", *split)
 
@@ -500,28 +500,33 @@ def _members_record(runs: Sequence[PreparedRun], data_sha: str | None, data_orde
 
 def _resolve_batched_resume(runs: Sequence[PreparedRun], root: Path, record: dict[str, Any],
                             restart: bool) -> str | None:
-    """The batched checkpoint to resume from, or None after clearing stale checkpoints.
+    """The batched checkpoint to resume from, or None (stale checkpoints are cleared first).
 
-    Raises OutputError when ``root/batched`` holds checkpoints of other members or settings and
-    ``restart`` (overwrite_output_dir or retrain_stale) was not asked.
+    Resumes when ``root/batched`` holds checkpoints of an unfinished run of the same members
+    with the same settings and a resume is asked (the ensemble asks by default). Checkpoints
+    left by a finished run are cleared. Raises OutputError for checkpoints of an unfinished run
+    of other members or settings (or with no resume asked), unless ``restart``
+    (``retrain_stale``) or ``overwrite_output_dir``.
     """
-    cfg = runs[0].cfg
     ckpt_dir = root / BATCHED_DIR
-    requested = cfg.training.resume_from_checkpoint not in (None, "", False, "false", "False")
+    value = runs[0].cfg.training.resume_from_checkpoint
+    requested = value is not None and str(value).lower() not in ("", "false", "none", "no", "0")
     ckpt = last_checkpoint(ckpt_dir)
-    overwrite = any(r.cfg.poc.overwrite_output_dir for r in runs)
-    if ckpt is not None and not overwrite:
+    if ckpt is not None and not any(r.cfg.poc.overwrite_output_dir for r in runs):
         try:
-            same = json.loads((ckpt_dir / MEMBERS_FILE).read_text()) == json.loads(json.dumps(record))
+            recorded = json.loads((ckpt_dir / MEMBERS_FILE).read_text())
         except (OSError, ValueError):
-            same = False
-        if same and requested:
+            recorded = {}
+        finished = bool(recorded.pop("finished", False))
+        same = recorded == json.loads(json.dumps(record))
+        if same and requested and not finished:
             return ckpt
-        if not restart:
+        if not finished and not restart:
             why = "other members or settings" if not same else "an unfinished run"
             raise OutputError(f"{ckpt_dir} holds checkpoints of {why}; rerun with the settings it was started "
                               "with to resume, or pass --overwrite_output_dir true to start again")
-        logger.info("%s holds checkpoints of other members or settings; starting again", ckpt_dir)
+        logger.info("%s holds checkpoints of %s; starting again", ckpt_dir,
+                    "a finished run" if finished else "other members or settings")
     if ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     return None
@@ -618,6 +623,7 @@ def train_batched(runs: Sequence[PreparedRun], root: str | Path, data_order: str
         base = peft_model.unload()
         logger.info("adapter %s written (step %d, train loss %.4f)", run.cfg.output_dir,
                     trainer.state.global_step, train_losses[j])
+    write_json(Path(args.output_dir) / MEMBERS_FILE, {**record, "finished": True})  # its checkpoints are done with
     return out
 
 

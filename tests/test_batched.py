@@ -157,12 +157,18 @@ def test_members_noise_is_independent(tmp_path):
             assert abs(corr) < 5 / n ** 0.5, (i, k, corr)  # 5 standard errors of a zero correlation
 
 
+def _killed_after_step_2(runs: dict, out: Path) -> None:
+    """``out`` as an ensemble killed after its step-2 checkpoint: no adapters, no "finished" mark."""
+    (out / "batched").mkdir(parents=True)
+    shutil.copytree(runs["bat"] / "batched" / "checkpoint-2", out / "batched" / "checkpoint-2")
+    record = json.loads((runs["bat"] / "batched" / "poc_lora_batched.json").read_text())
+    assert record.pop("finished") is True
+    (out / "batched" / "poc_lora_batched.json").write_text(json.dumps(record))
+
+
 def test_resume_after_a_checkpoint_equals_the_uninterrupted_run(runs, tmp_path):
     out = tmp_path / "resumed"
-    (out / "batched").mkdir(parents=True)
-    for name in ("checkpoint-2", "poc_lora_batched.json"):  # an ensemble killed after step 2
-        src = runs["bat"] / "batched" / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, out / "batched" / name)
+    _killed_after_step_2(runs, out)
     _ensemble(out, "batched")
     for j in range(M):
         a, b = _weights(runs["bat"] / f"adapter_{j}"), _weights(out / f"adapter_{j}")
@@ -181,11 +187,22 @@ def test_resume_of_a_finished_batched_ensemble_changes_nothing(runs, no_model_lo
 
 def test_checkpoints_of_other_settings_are_refused(runs, tmp_path, capsys, no_model_load):
     out = tmp_path / "other"
-    shutil.copytree(runs["bat"] / "batched", out / "batched")
+    _killed_after_step_2(runs, out)
     args = ["ensemble", "--config", TINY, "-M", str(M), "--strategy", "batched", "--data_order", "shared",
             "--output_dir", str(out), *SMALL, "--learning_rate", "0.5"]
     assert cli.main(args) == 1
     assert "holds checkpoints of other members or settings" in capsys.readouterr().err
+
+
+def test_a_member_added_after_a_finished_batched_run_trains_alone(runs, tmp_path):
+    """The finished run's checkpoints do not block: member 3 is trained (a batch of one), 0-2 kept."""
+    out = tmp_path / "more"
+    shutil.copytree(runs["bat"], out)
+    before = {j: (out / f"adapter_{j}" / WEIGHTS).stat().st_mtime_ns for j in range(M)}
+    _ensemble(out, "batched", m=M + 1)
+    assert {j: (out / f"adapter_{j}" / WEIGHTS).stat().st_mtime_ns for j in range(M)} == before
+    record = json.loads((out / f"adapter_{M}" / DONE_FILE).read_text())
+    assert record["seed"] == M and record["batched_members"] == 1 and record["global_step"] == 4
 
 
 @pytest.mark.parametrize("extra, needle", [
