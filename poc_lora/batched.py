@@ -60,7 +60,7 @@ from transformers.utils import ModelOutput
 from .config import DATA_ORDERS, TrainConfig
 from .data.instructions import data_collator
 from .errors import ConfigError, OutputError
-from .multilora import MultiLoraLinear, SharedTrunk, first_adapted_layer, lora_members, supervised_lm_loss
+from .multilora import MultiLoraLinear, SharedTrunk, first_adapted_layer, supervised_lm_loss
 from .optim import NoisyAdamW
 from .outputs import write_json
 from .stages import settings_hash
@@ -179,14 +179,10 @@ class BatchedLoraModel(nn.Module):
         self.adapted = names
         split = first_adapted_layer(names)
         self.trunk = None
-        if split is not None and data_order == "shared" and self.num_members > 1:
+        if split is not None and self.num_members > 1:  # per_member: used for the shared evaluation batches
             self.trunk = SharedTrunk(base.get_submodule(split[0]), split[1], self.num_members)
-            logger.info("members share the trunk below %s.%d", *split)
-
-    def member_factors(self, m: int) -> "OrderedDict[str, tuple[nn.Parameter, nn.Parameter]]":
-        """Member ``m``'s (lora_A, lora_B) per adapted module name, in module order."""
-        layers = dict(lora_members(self.base))
-        return OrderedDict((n, (layers[n].lora_A[m], layers[n].lora_B[m])) for n in self.adapted)
+            logger.info("members share the trunk below %s.%d%s", *split,
+                        " (evaluation only: per_member training batches differ)" if data_order == "per_member" else "")
 
     def restore_base(self) -> nn.Module:
         """Put the plain base layers back (the members' factors are dropped); returns the base."""
@@ -210,7 +206,7 @@ class BatchedLoraModel(nn.Module):
         m = self.num_members
         inner, head = self.base.base_model, self.base.get_output_embeddings()
         stacked = self.data_order == "per_member" and self.training
-        if stacked or self.trunk is None:
+        if stacked or self.trunk is None:  # stacked: member m's own rows at [m * b, (m + 1) * b)
             if not stacked:  # no trunk to share (an adapted embedding, say): every member reads the batch
                 input_ids = input_ids.repeat(m, 1)
                 attention_mask = None if attention_mask is None else attention_mask.repeat(m, 1)
@@ -230,7 +226,8 @@ class MemberOptimizers(torch.optim.Optimizer):
 
     ``param_groups`` is the concatenation of the members' group dicts (the same objects, also
     after ``load_state_dict``, which gives the members new ones), so an LR scheduler built on
-    this optimizer sets every member's learning rate (each from its own ``initial_lr``). ``step()`` clips each member's gradient to its own ``max_grad_norms[j]``
+    this optimizer sets every member's learning rate (each from its own ``initial_lr``).
+    ``step()`` clips each member's gradient to its own ``max_grad_norms[j]``
     (0: no clipping), then steps each member. ``state_dict()`` is ``{"members": [...]}`` of the
     members' own state dicts (plain tensors and ints: ``torch.load(weights_only=True)`` reads it).
 

@@ -18,8 +18,9 @@ import warnings
 from typing import Callable, Sequence
 
 from . import __version__
-from .config import (CONFIG_FILE, DATA_ORDERS, GRAMMAR, SECTIONS, STRATEGIES, TRAIN_SECTIONS, EvalArguments, KeyParser, MergeArguments,
-                     ModelArguments, PipelineArguments, load_config, normalize_argv, section_class)
+from .config import (CONFIG_FILE, DATA_ORDERS, GRAMMAR, SECTIONS, STRATEGIES, TRAIN_SECTIONS, EvalArguments,
+                     KeyParser, MergeArguments, ModelArguments, PipelineArguments, load_config, normalize_argv,
+                     section_class)
 from .errors import ConfigError, PocLoraError
 from .runtime import configure_threads
 from .merge.methods import method_names, methods_help

@@ -42,8 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
 
@@ -288,11 +286,5 @@ def lora_members(module: nn.Module) -> Iterator[tuple[str, MultiLoraLinear]]:
             yield name, sub
 
 
-def check_members(num_members: int) -> None:
-    """Raise ConfigError unless ``num_members`` >= 1."""
-    if num_members < 1:
-        raise ConfigError(f"the number of members must be >= 1, got {num_members}")
-
-
-__all__ = ["IGNORE_INDEX", "MultiLoraLinear", "SharedTrunk", "check_members", "first_adapted_layer",
-           "lora_members", "supervised_lm_loss"]
+__all__ = ["IGNORE_INDEX", "MultiLoraLinear", "SharedTrunk", "first_adapted_layer", "lora_members",
+           "supervised_lm_loss"]
