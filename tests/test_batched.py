@@ -292,3 +292,45 @@ def test_multi_lora_linear_is_each_members_lora():
 def test_first_adapted_layer():
     assert first_adapted_layer(["model.layers.7.mlp.up_proj", "model.layers.3.self_attn.q_proj"]) == ("model.layers", 3)
     assert first_adapted_layer(["model.layers.0.mlp.up_proj", "lm_head"]) is None
+
+
+def test_shared_trunk_runs_the_layers_below_once_and_changes_no_loss():
+    """Layer 0 (below the adapted layer 1) sees b rows, layer 1 sees M * b; the members' losses
+    equal those of the same model run on the batch repeated M times (no sharing)."""
+    from poc_lora.batched import BatchedLoraModel, _member_lora
+    from poc_lora.ensemble import member_configs
+    from poc_lora.models import load_model
+
+    cfg = load_config(TINY, [*SMALL, "--output_dir", "unused"])
+    base = load_model("poc-lora/tiny-llama", "float32")
+    loras = [_member_lora(base, m) for m in member_configs(cfg, M, "shared")]
+    with torch.no_grad():  # members that differ from the start (B is 0 at init)
+        for j, lora in enumerate(loras):
+            for _, b in lora.factors.values():
+                b.normal_(0, 0.1, generator=torch.Generator().manual_seed(j))
+    model = BatchedLoraModel(base, loras, "shared").eval()
+    rows = {}
+    for i, layer in enumerate(base.model.layers):
+        layer.register_forward_pre_hook(lambda mod, args, kw, i=i: rows.setdefault(i, []).append(args[0].shape[0]
+                                        if args else kw["hidden_states"].shape[0]), with_kwargs=True)
+    ids = torch.randint(3, base.config.vocab_size, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        shared = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).member_losses
+        trunk, model.trunk = model.trunk, None  # every member reads the repeated batch from the embeddings on
+        repeated = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).member_losses
+    assert rows == {0: [2, 2 * M], 1: [2 * M, 2 * M]}
+    torch.testing.assert_close(shared, repeated, rtol=1e-6, atol=1e-7)
+    assert len(set(shared.tolist())) == M  # the members differ
+    trunk.remove()
+
+
+def test_bad_data_order_and_strategy_are_config_errors():
+    from poc_lora.config import PipelineArguments
+    from poc_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data_order must be one of per_member, shared"):
+        PipelineArguments(train_config="x.yaml", data_order="random")
+    with pytest.raises(ConfigError, match="strategy must be one of sequential, parallel, batched"):
+        PipelineArguments(train_config="x.yaml", strategy="fast")
