@@ -558,6 +558,14 @@ def train_batched(runs: Sequence[PreparedRun], root: str | Path, data_order: str
         raise ConfigError(f"--strategy batched trains LoRA factors only, but lora_bias={lora.lora_bias!r} also "
                           "trains the base model's biases, which the members would share; use --strategy "
                           "sequential or lora_bias none")
+    tr = members[0].training
+    if tr.load_best_model_at_end:
+        raise ConfigError("--strategy batched keeps each member's last state; load_best_model_at_end would pick one "
+                          "checkpoint for all members: use --strategy sequential, or load_best_model_at_end false")
+    if data_order == "per_member" and str(getattr(tr.train_sampling_strategy, "value", tr.train_sampling_strategy)) \
+            != "random":
+        raise ConfigError(f"--strategy batched with data_order per_member draws each member's random order itself; "
+                          f"train_sampling_strategy={tr.train_sampling_strategy!r} needs --strategy sequential")
     shared_modules = [t for t in lora.lora_target_modules if t in ("embed_tokens", "lm_head")]
     if shared_modules:
         raise ConfigError(f"--strategy batched adapts linear layers only, not {', '.join(shared_modules)} "

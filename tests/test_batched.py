@@ -208,6 +208,7 @@ def test_a_member_added_after_a_finished_batched_run_trains_alone(runs, tmp_path
 @pytest.mark.parametrize("extra, needle", [
     (["--lora_bias", "all"], "lora_bias='all'"),
     (["--lora_target_modules", "q_proj,lm_head"], "not lm_head"),
+    (["--train_sampling_strategy", "group_by_length"], "train_sampling_strategy='group_by_length'"),
 ])
 def test_unsupported_lora_is_refused_before_the_model_loads(tmp_path, capsys, no_model_load, extra, needle):
     args = ["ensemble", "--config", TINY, "-M", "2", "--strategy", "batched", "--output_dir", str(tmp_path / "x"),
