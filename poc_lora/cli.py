@@ -18,8 +18,9 @@ import warnings
 from typing import Callable, Sequence
 
 from . import __version__
-from .config import (CONFIG_FILE, GRAMMAR, SECTIONS, TRAIN_SECTIONS, EvalArguments, KeyParser, MergeArguments,
-                     ModelArguments, PipelineArguments, load_config, normalize_argv, section_class)
+from .config import (CONFIG_FILE, DATA_ORDERS, GRAMMAR, SECTIONS, STRATEGIES, TRAIN_SECTIONS, EvalArguments,
+                     KeyParser, MergeArguments, ModelArguments, PipelineArguments, load_config, normalize_argv,
+                     section_class)
 from .errors import ConfigError, PocLoraError
 from .runtime import configure_threads
 from .merge.methods import method_names, methods_help
@@ -110,8 +111,12 @@ def _ensemble_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, 
     p = _parser("ensemble", prog)
     p.add_argument("--config", required=True, help="YAML config (see configs/train/)")
     p.add_argument("--num_adapters", "-M", type=int, required=True, help="number of adapters M")
-    p.add_argument("--strategy", choices=["sequential", "parallel"], default=PipelineArguments.strategy,
-                   help="sequential: one process; parallel: rank g trains adapters j = g mod G")
+    p.add_argument("--strategy", choices=list(STRATEGIES), default=PipelineArguments.strategy,
+                   help="sequential: one process, members one after another; parallel: rank g trains adapters "
+                        "j = g mod G; batched: one process, all members in one pass over one copy of the base")
+    p.add_argument("--data_order", choices=list(DATA_ORDERS), default=PipelineArguments.data_order,
+                   help="per_member: member j's data order from seed+j; shared: one micro-batch sequence for all "
+                        "members (batched then shares the frozen layers below the first adapted one)")
     p.add_argument("--merge", action="store_true", help="PoC-merge the adapters when all are done")
     return p, KeyParser(p, _train_sections())
 
@@ -120,7 +125,8 @@ def _run_ensemble(args: argparse.Namespace, sections: dict[str, dict]) -> int:
     from .ensemble import train_ensemble
 
     cfg = load_config(args.config, updates=_updates(sections))
-    res = train_ensemble(cfg, args.num_adapters, strategy=args.strategy, merge=args.merge)
+    res = train_ensemble(cfg, args.num_adapters, strategy=args.strategy, merge=args.merge,
+                         data_order=args.data_order)
     if res.merged is not None:
         logging.getLogger("poc_lora.ensemble").info("merged adapter: %s", res.merged)
     return 0

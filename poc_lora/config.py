@@ -46,6 +46,8 @@ from .outputs import atomic_write_text, write_json
 from .runtime import resolve_bf16
 
 CONFIG_FILE = "poc_lora_config.yaml"
+STRATEGIES = ("sequential", "parallel", "batched")  # how an ensemble's members are trained (poc_lora.ensemble)
+DATA_ORDERS = ("per_member", "shared")  # which micro-batch sequence each member reads
 PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -188,14 +190,21 @@ class PipelineArguments:
         "help": "training YAML (configs/train/*.yaml; relative to the pipeline YAML); required"})
     num_adapters: int = field(default=4, metadata={"help": "number of adapters M (seeds seed+j)"})
     strategy: str | None = field(default=None, metadata={
-        "help": "sequential (one process) or parallel (rank g trains j = g mod G); default: by the number of processes"})
+        "help": "sequential (one process, one member after another), parallel (rank g trains j = g mod G) or "
+                "batched (one process, all members in one pass over one base); default: by the number of processes"})
+    data_order: str = field(default="per_member", metadata={
+        "help": "per_member (member j's data order from seed+j, as the paper trains independent adapters) or "
+                "shared (every member reads the same micro-batches; batched then computes the frozen layers "
+                "below the first adapted one once for all members)"})
     output_dir: str = field(default="results/pipeline", metadata={"help": "pipeline output directory"})
 
     def __post_init__(self) -> None:
         if self.num_adapters < 1:
             raise ConfigError(f"num_adapters must be >= 1, got {self.num_adapters}")
-        if self.strategy not in (None, "sequential", "parallel"):
-            raise ConfigError(f"strategy must be sequential or parallel, got {self.strategy!r}")
+        if self.strategy not in (None, *STRATEGIES):
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.data_order not in DATA_ORDERS:
+            raise ConfigError(f"data_order must be one of {', '.join(DATA_ORDERS)}, got {self.data_order!r}")
 
 
 # The configuration tree: section name -> its dataclass ("training" is transformers'
@@ -605,7 +614,7 @@ def load_config(
 
 
 __all__ = [
-    "CONFIG_FILE", "DataArguments", "EvalArguments", "GRAMMAR", "KeyParser", "LoraArguments", "MergeArguments",
-    "ModelArguments", "PipelineArguments", "PocArguments", "SECTIONS", "TRAIN_SECTIONS", "TrainConfig",
+    "CONFIG_FILE", "DATA_ORDERS", "DataArguments", "EvalArguments", "GRAMMAR", "KeyParser", "LoraArguments", "MergeArguments",
+    "ModelArguments", "PipelineArguments", "PocArguments", "SECTIONS", "STRATEGIES", "TRAIN_SECTIONS", "TrainConfig",
     "load_config", "normalize_argv", "read_yaml", "section_class", "train_key_parser", "valid_keys",
 ]

@@ -1,14 +1,17 @@
-"""M adapters trained independently (seeds seed+j), sequentially or one per process, then merged.
+"""M adapters trained independently (seeds seed+j), sequentially, one per process or batched, then merged.
 
 Layout under the config's ``output_dir``::
 
     adapter_<j>/      a plain PEFT adapter directory per member j = 0..M-1 (see poc_lora.train)
     merged/           with --merge: the PoC merge of all M (poc_lora.merge) + merge_report.json
-    ensemble.json     what was trained: seeds, noise seeds, strategy
+    batched/          with --strategy batched: Trainer checkpoints of the whole ensemble
+    ensemble.json     what was trained: seeds, noise seeds, strategy, data order
 
 Member j's training seed (LoRA init, dropout), data order and noise seed are all derived from
 ``seed + j`` (``data_seed`` and ``noise_seed`` too when set), so adapter j is the same whichever
-strategy trained it, up to floating-point reduction order.
+strategy trained it, up to floating-point reduction order (and dropout masks, in batched mode).
+``data_order="shared"`` gives every member the base config's data seed instead (one micro-batch
+sequence for the ensemble; LoRA init and noise still differ).
 
 Strategies:
 
@@ -21,12 +24,15 @@ Strategies:
   DDP nor averages gradients) and sees only its own GPU. Completion is signalled through the
   launcher's rendezvous store; rank 0 waits for all ranks, then merges. Works across nodes
   (accelerate's multi-node launch) when ``output_dir`` is on a shared filesystem.
+* ``batched``: one process, one copy of the base, all members in one pass per micro-batch
+  (:mod:`poc_lora.batched`); with ``data_order="shared"`` the frozen layers below the first
+  adapted one run once for all members.
 
 Rerunning the same command resumes: finished members trained with the same settings (their
 stage marker, :mod:`poc_lora.stages`, holds the same :func:`~poc_lora.train.train_settings` and
-their files are intact) are skipped, an interrupted one continues from its last checkpoint, and
-one whose files are missing, truncated or changed is rebuilt from its last checkpoint (trained
-again when it has none). A finished member whose settings
+their files are intact) are skipped, an interrupted one continues from its last checkpoint (batched:
+the ensemble's), and one whose files are missing, truncated or changed is rebuilt from its last
+checkpoint (trained again when it has none). A finished member whose settings
 differ is an error naming the changed keys (``retrain_stale=True``, as the pipeline passes,
 trains it again instead); a finished member is never changed by a resume.
 
@@ -53,8 +59,9 @@ import torch
 from torch.distributed import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
+from .batched import check_data_order, train_batched
 from .cards import add_ensemble_section
-from .config import TrainConfig, load_config
+from .config import STRATEGIES, TrainConfig, load_config
 from .data.instructions import resolve_data_path
 from .errors import ConfigError, OutputError, PocLoraError
 from .merge import merge_adapters
@@ -65,7 +72,6 @@ from .train import (AUTO_RESUME, DONE_FILE, data_sha256, is_complete, load_base_
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("sequential", "parallel")
 MERGED_DIR = "merged"
 MANIFEST = "ensemble.json"
 # Set by torchrun / accelerate launch; removed in parallel mode so Trainer sees one process.
@@ -144,23 +150,32 @@ def _wait_for_ranks(info: _Rank) -> None:
         raise PocLoraError(f"rank(s) {failed} failed to train their adapters; rerun the same command to resume")
 
 
-def member_configs(cfg: TrainConfig, num_adapters: int) -> list[TrainConfig]:
-    """Member j's config: ``output_dir/adapter_<j>``, seeds + j, resuming automatically."""
+def member_configs(cfg: TrainConfig, num_adapters: int, data_order: str = "per_member") -> list[TrainConfig]:
+    """Member j's config: ``output_dir/adapter_<j>``, seeds + j, resuming automatically.
+
+    ``data_order``: ``per_member`` (member j's data order from ``seed + j``, or ``data_seed + j``)
+    or ``shared`` (every member gets the base config's data seed, ``data_seed`` or else ``seed``,
+    so all read the same micro-batch sequence; LoRA init and noise still differ).
+    """
+    check_data_order(data_order)
     members = []
     for j in range(num_adapters):
         m = cfg.for_member(j, adapter_dir(cfg.output_dir, j))
+        if data_order == "shared":
+            tr = cfg.training
+            m.training = dataclasses.replace(m.training, data_seed=tr.seed if tr.data_seed is None else tr.data_seed)
         if not cfg.poc.overwrite_output_dir:
             m.training.resume_from_checkpoint = AUTO_RESUME
         members.append(m)
     return members
 
 
-def _train_members(members: list[TrainConfig], mine: list[int], records: list, data_sha: str | None,
-                   retrain_stale: bool = False) -> tuple[list[int], list[int]]:
-    """Train this process's members one after another on one base model; returns (trained, skipped)."""
-    trained, skipped, base = [], [], None
-    todo = []
-    for j in mine:  # every check before the (expensive) model load
+def _plan_members(members: list[TrainConfig], mine: list[int], records: list, data_sha: str | None,
+                  retrain_stale: bool = False) -> tuple[list[tuple[int, Any]], list[int]]:
+    """Every check before the (expensive) model load: the members still to train, each with its
+    prepared run, and the finished members skipped."""
+    skipped, todo = [], []
+    for j in mine:
         m = members[j]
         finished = read_stage(m.output_dir) is not None or (m.output_dir / DONE_FILE).is_file()  # maybe damaged
         if finished and not m.poc.overwrite_output_dir:
@@ -186,6 +201,14 @@ def _train_members(members: list[TrainConfig], mine: list[int], records: list, d
         todo.append((j, prepare_run(m, records=records)))
     if skipped:
         logger.info("adapters %s are already trained with these settings; skipping them", skipped)
+    return todo, skipped
+
+
+def _train_members(members: list[TrainConfig], mine: list[int], records: list, data_sha: str | None,
+                   retrain_stale: bool = False) -> tuple[list[int], list[int]]:
+    """Train this process's members one after another on one base model; returns (trained, skipped)."""
+    todo, skipped = _plan_members(members, mine, records, data_sha, retrain_stale)
+    trained, base = [], None
     for j, run in todo:
         logger.info("training adapter %d of %d (seed %d) into %s", j + 1, len(members), run.cfg.training.seed,
                     run.cfg.output_dir)
@@ -198,10 +221,10 @@ def _train_members(members: list[TrainConfig], mine: list[int], records: list, d
     return trained, skipped
 
 
-def _write_manifest(cfg: TrainConfig, members: list[TrainConfig], strategy: str, world: int, merged: Path | None) -> None:
-
+def _write_manifest(cfg: TrainConfig, members: list[TrainConfig], strategy: str, world: int, merged: Path | None,
+                    data_order: str) -> None:
     manifest = {
-        "num_adapters": len(members), "strategy": strategy, "world_size": world,
+        "num_adapters": len(members), "strategy": strategy, "data_order": data_order, "world_size": world,
         "temperature": cfg.poc.temperature, "base_model": cfg.model.model_name_or_path,
         "adapters": [{"index": j, "path": str(m.output_dir), "seed": m.training.seed, "noise_seed": m.noise_seed,
                       "data_seed": m.training.data_seed} for j, m in enumerate(members)],
@@ -236,12 +259,15 @@ def train_ensemble(
     merge: bool = False,
     overrides: Sequence[str] = (),
     retrain_stale: bool = False,
+    data_order: str = "per_member",
 ) -> EnsembleResult:
     """Train ``num_adapters`` adapters (seeds seed+j) and optionally PoC-merge them.
 
-    ``strategy``: ``"sequential"`` or ``"parallel"`` (default: parallel when launched with more
-    than one process, else sequential). See the module docstring for layout and resumption.
-    ``retrain_stale``: train again the finished members whose settings changed (default: refuse).
+    ``strategy``: ``"sequential"``, ``"parallel"`` or ``"batched"`` (default: parallel when
+    launched with more than one process, else sequential). ``data_order``: ``"per_member"``
+    (member j's data order from seed+j) or ``"shared"`` (one order for all members). See the
+    module docstring for layout and resumption. ``retrain_stale``: train again the finished
+    members whose settings changed (default: refuse).
 
     Example:
         >>> train_ensemble("configs/train/tiny_cpu.yaml", 2, merge=True, overrides=["--output_dir", "runs/e"])  # doctest: +SKIP
@@ -252,19 +278,25 @@ def train_ensemble(
     strategy = strategy or ("parallel" if info.world_size > 1 else "sequential")
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if strategy == "sequential" and info.world_size > 1:
-        raise ConfigError(f"--strategy sequential runs in one process, but {info.world_size} were launched; "
+    check_data_order(data_order)
+    if strategy in ("sequential", "batched") and info.world_size > 1:
+        raise ConfigError(f"--strategy {strategy} runs in one process, but {info.world_size} were launched; "
                           "use --strategy parallel (or launch a single process)")
     if strategy == "parallel":
         info = _isolate_rank(info)  # before anything builds TrainingArguments / touches CUDA
     ok = False
     try:
         cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-        members = member_configs(cfg, num_adapters)
+        members = member_configs(cfg, num_adapters, data_order)
         records = load_checked_records(cfg)  # one read + validation for all members
         data_sha = data_sha256(resolve_data_path(cfg.data))
         mine = [j for j in range(num_adapters) if j % info.world_size == info.rank]
-        trained, skipped = _train_members(members, mine, records, data_sha, retrain_stale)
+        if strategy == "batched":
+            todo, skipped = _plan_members(members, mine, records, data_sha, retrain_stale)
+            train_batched([run for _, run in todo], cfg.output_dir, data_order, retrain_stale)
+            trained = [j for j, _ in todo]
+        else:
+            trained, skipped = _train_members(members, mine, records, data_sha, retrain_stale)
         ok = True
     finally:
         if info.rank != 0 or not ok:
@@ -280,16 +312,18 @@ def train_ensemble(
         raise PocLoraError(f"adapters {missing} are not finished; rerun the same command to resume them")
     if merge:
         result.merged, result.merge_report = _merge(cfg, paths)
-    _write_manifest(cfg, members, strategy, info.world_size, result.merged)
+    _write_manifest(cfg, members, strategy, info.world_size, result.merged, data_order)
     add_ensemble_section(paths, [m.training.seed for m in members], result.merged)
     return result
 
 
 def main_ensemble(
-    config_path: str, num_adapters: int, strategy: str | None, merge: bool, overrides: Sequence[str]
+    config_path: str, num_adapters: int, strategy: str | None, merge: bool, overrides: Sequence[str],
+    data_order: str = "per_member",
 ) -> int:
-    """``poc-lora ensemble --config CONFIG.yaml --num-adapters M [--strategy ...] [--merge]``."""
-    res = train_ensemble(config_path, num_adapters, strategy=strategy, merge=merge, overrides=overrides)
+    """``poc-lora ensemble --config CONFIG.yaml --num-adapters M [--strategy ...] [--data_order ...] [--merge]``."""
+    res = train_ensemble(config_path, num_adapters, strategy=strategy, merge=merge, overrides=overrides,
+                         data_order=data_order)
     if res.merged is not None:
         logger.info("merged adapter: %s", res.merged)
     return 0

@@ -187,6 +187,8 @@ class PipelineConfig:
         p, m, e = self.pipeline, self.merge, self.eval
         return {
             "train_config": p.train_config, "num_adapters": p.num_adapters, "strategy": p.strategy,
+            # only when not the default, so reports written before the key existed stay current
+            **({"data_order": p.data_order} if p.data_order != "per_member" else {}),
             "train_overrides": {k.split(".", 1)[1]: v for k, v in self.train_updates.items()},
             "merge_methods": list(m.methods), "merge_rank": m.rank, "merge_seed": m.seed,
             "eval_data_dir": e.data_dir, "eval_tasks": e.tasks, "eval_mode": e.mode, "eval_limit": e.limit,
@@ -467,7 +469,8 @@ def run_pipeline(
     data_dir = _eval_data_dir(cfg, train_cfg)  # checked before hours of training
     rank = int(os.environ.get("RANK", "0"))  # read first: parallel training hides the launcher's env
     logger.info("stage 1/4: training %d adapters into %s", cfg.pipeline.num_adapters, out / "adapters")
-    ens = train_ensemble(train_cfg, cfg.pipeline.num_adapters, strategy=cfg.pipeline.strategy, retrain_stale=True)
+    ens = train_ensemble(train_cfg, cfg.pipeline.num_adapters, strategy=cfg.pipeline.strategy, retrain_stale=True,
+                         data_order=cfg.pipeline.data_order)
     if rank != 0:  # the other ranks have trained their adapters; rank 0 merges and evaluates
         return None
     timing["training"] = time.perf_counter() - t

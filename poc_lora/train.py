@@ -300,6 +300,43 @@ def _write_adapter(trainer: Any, run: PreparedRun, record: dict[str, Any]) -> Pa
     return out
 
 
+def training_record(run: PreparedRun, global_step: int, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The completion record (``poc_lora_train.json``) of a trained run; ``extra`` keys are added.
+
+    Example:
+        >>> training_record(run, 150, {"train_loss": 0.4}, strategy="batched")  # doctest: +SKIP
+    """
+    cfg = run.cfg
+    return {
+        "adapter": str(cfg.output_dir), "global_step": global_step, "metrics": metrics,
+        "seed": cfg.training.seed, "noise_seed": cfg.noise_seed, "temperature": cfg.poc.temperature,
+        "train_records": len(run.train_dataset),
+        "val_records": 0 if run.eval_dataset is None else len(run.eval_dataset),
+        "data_file": run.data_file, "resumed_from": run.resume, "world_size": cfg.training.world_size,
+        **extra,
+    }
+
+
+def start_output(run: PreparedRun) -> None:
+    """Before training into ``output_dir``: with ``overwrite_output_dir`` (and no resume) drop an
+    earlier run's record and checkpoints; remove the stage marker (it is written again last)."""
+    if run.cfg.poc.overwrite_output_dir and run.resume is None:
+        _clear_previous(run.cfg.output_dir)
+    clear_stage(run.cfg.output_dir)
+    (run.cfg.output_dir / DONE_FILE).unlink(missing_ok=True)  # an interrupted rebuild then reads as an interrupted run
+
+
+def write_trained_adapter(peft_model: Any, run: PreparedRun, record: dict[str, Any]) -> Path:
+    """Write a trained adapter into ``run.cfg.output_dir``: the PEFT files, template record, config
+    and card (staged, then moved in), the completion ``record``, and last the stage marker holding
+    :func:`train_settings`. Every strategy finishes its adapters through this one function.
+
+    Example:
+        >>> write_trained_adapter(peft_model, run, training_record(run, 150, metrics))  # doctest: +SKIP
+    """
+    return _write_adapter(peft_model, run, record)  # it writes the stage marker last, vouching for the files
+
+
 def _clear_previous(out: Path) -> None:
     """--overwrite_output_dir: drop an earlier run's completion record and checkpoints."""
     (out / DONE_FILE).unlink(missing_ok=True)
@@ -396,10 +433,7 @@ def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
     tokenizer, train_ds, eval_ds = run.tokenizer, run.train_dataset, run.eval_dataset
     model = base_model if base_model is not None else load_base_model(cfg)
     peft_model = attach_lora(model, cfg)
-    if cfg.poc.overwrite_output_dir and run.resume is None:
-        _clear_previous(cfg.output_dir)
-    clear_stage(cfg.output_dir)
-    (cfg.output_dir / DONE_FILE).unlink(missing_ok=True)  # an interrupted rebuild then reads as an interrupted run
+    start_output(run)
     trainer = NoisyAdamWTrainer(
         model=peft_model, args=cfg.training, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=data_collator(tokenizer, cfg.data.pad_to_multiple_of),
@@ -413,14 +447,8 @@ def run_training(run: PreparedRun, base_model: Any = None) -> tuple[Path, Any]:
         metrics.update(trainer.evaluate())
     same = _replicas_identical(peft_model)
     if trainer.is_world_process_zero():
-        record = {
-            "adapter": str(cfg.output_dir), "global_step": trainer.state.global_step, "metrics": metrics,
-            "seed": cfg.training.seed, "noise_seed": cfg.noise_seed, "temperature": cfg.poc.temperature,
-            "train_records": len(train_ds), "val_records": 0 if eval_ds is None else len(eval_ds),
-            "data_file": run.data_file, "resumed_from": run.resume, "world_size": cfg.training.world_size,
-            "replicas_identical": same,
-        }
-        _write_adapter(trainer, run, record)
+        record = training_record(run, trainer.state.global_step, metrics, replicas_identical=same)
+        write_trained_adapter(trainer.model, run, record)
         logger.info("adapter written to %s (step %d, train loss %.4f)", cfg.output_dir,
                     trainer.state.global_step, metrics.get("train_loss", float("nan")))
     return cfg.output_dir, peft_model
@@ -459,4 +487,5 @@ def main_train(config_path: str, overrides: Sequence[str]) -> int:
 
 
 __all__ = ["DONE_FILE", "attach_lora", "damage", "data_sha256", "tokenize_run", "train_settings", "is_complete", "last_checkpoint", "load_base_model", "lora_config",
-           "load_checked_records", "main_train", "prepare_run", "run_training", "train_adapter"]
+           "load_checked_records", "main_train", "prepare_run", "run_training", "start_output", "train_adapter",
+           "training_record", "write_trained_adapter"]

@@ -72,18 +72,16 @@ def noisy_adamw_kwargs(args: TrainingArguments, temperature: float = 1e-5, seed:
     return kwargs
 
 
-def create_noisy_optimizer(
-    model: torch.nn.Module, training_args: TrainingArguments, temperature: float = 1e-5, seed: int | None = None
-) -> NoisyAdamW:
-    """NoisyAdamW over the trainable parameters, grouped exactly as Trainer groups AdamW's.
+def noisy_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` in Trainer's two AdamW groups, in module order.
 
-    Group 0 gets ``training_args.weight_decay``, group 1 (biases and norm weights, by Trainer's
-    ``get_decay_parameter_names``) gets 0; frozen parameters are left out. See
-    :func:`noisy_adamw_kwargs` for the other hyperparameters and the seed.
+    Group 0 gets ``weight_decay``, group 1 (biases and norm weights, by Trainer's
+    ``get_decay_parameter_names``) gets 0; frozen parameters are left out. Raises
+    :class:`ConfigError` when nothing is trainable.
 
     Example:
-        >>> opt = create_noisy_optimizer(peft_model, args, temperature=1e-5, seed=0)  # doctest: +SKIP
-        >>> trainer = Trainer(model=peft_model, args=args, optimizers=(opt, None))  # doctest: +SKIP
+        >>> groups = noisy_param_groups(peft_model, 0.0)  # doctest: +SKIP
+        >>> NoisyAdamW(groups, **noisy_adamw_kwargs(args))  # doctest: +SKIP
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -91,10 +89,24 @@ def create_noisy_optimizer(
                           "(requires_grad is False everywhere); attach a LoRA adapter first")
     # Trainer's own rule (layer types and name patterns); the method does not use `self`.
     decay = set(Trainer.get_decay_parameter_names(None, model))
-    groups = [
-        {"params": [p for n, p in trainable if n in decay], "weight_decay": training_args.weight_decay},
+    return [
+        {"params": [p for n, p in trainable if n in decay], "weight_decay": weight_decay},
         {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0},
     ]
+
+
+def create_noisy_optimizer(
+    model: torch.nn.Module, training_args: TrainingArguments, temperature: float = 1e-5, seed: int | None = None
+) -> NoisyAdamW:
+    """NoisyAdamW over the trainable parameters, grouped exactly as Trainer groups AdamW's.
+
+    Groups: :func:`noisy_param_groups`; hyperparameters and seed: :func:`noisy_adamw_kwargs`.
+
+    Example:
+        >>> opt = create_noisy_optimizer(peft_model, args, temperature=1e-5, seed=0)  # doctest: +SKIP
+        >>> trainer = Trainer(model=peft_model, args=args, optimizers=(opt, None))  # doctest: +SKIP
+    """
+    groups = noisy_param_groups(model, training_args.weight_decay)
     return NoisyAdamW(groups, **noisy_adamw_kwargs(training_args, temperature, seed))
 
 
