@@ -131,8 +131,7 @@ class PocArguments:
 
 @dataclass
 class MergeArguments:
-    """PoC merge of the M adapters (poc_lora.merge): method(s), target rank, seed, the baselines'
-    density and sign election, the serving rank, weights, dtype."""
+    """Merging the M adapters (poc_lora.merge): methods, rank, seed, density, sign election, serve_rank, weights, dtype."""
 
     methods: list[str] = field(default_factory=lambda: ["poc"], metadata={
         "help": "pipeline: merge methods to run (poc is the paper's; svd, prune for its variants; soup, ties, "

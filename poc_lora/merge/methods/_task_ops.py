@@ -63,9 +63,13 @@ def trim(t: torch.Tensor, density: float) -> torch.Tensor:
         if k == 0:
             tj.zero_()
             continue
-        mag = tj.abs()
-        threshold = mag.flatten().kthvalue(n - k + 1).values  # the k-th largest magnitude
-        tj.masked_fill_(mag < threshold, 0.0)
+        # the k-th largest magnitude by an in-place partial sort of one copy: torch.kthvalue (and
+        # topk) of a 2.8M-entry matrix raised the peak RSS by 7.5 copies of it (measured)
+        mag = tj.abs().reshape(-1).numpy()
+        mag.partition(n - k)
+        threshold = float(mag[n - k])
+        del mag
+        tj.masked_fill_(tj.abs() < threshold, 0.0)
     return t
 
 
@@ -103,12 +107,13 @@ def elect_sign(t: torch.Tensor, weights: torch.Tensor, method: str = "total") ->
             total.add_(torch.sign(tj), alpha=math.copysign(1.0, wj))
         else:
             raise ValueError(f"majority_sign_method must be total or frequency, got {method!r}")
-    return torch.where(total >= 0, 1.0, -1.0)
+    return total.ge_(0).mul_(2).sub_(1)  # in place: one full update less at the peak
 
 
 def disjoint_mean(t: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """``sum_j w_j m_j t_j / sum_j w_j m_j`` per entry, ``m_j = [sign(t_j) == sign]`` (an entry
-    of 0 agrees with neither sign); 0 where no input agrees. Shape (out, in), a new tensor."""
+    of 0 agrees with neither sign); 0 where no input agrees. Weights must be > 0 (the methods
+    refuse others). Shape (out, in), a new tensor."""
     import torch  # at call time: the CLI reads this registry at start-up (see methods/__init__.py)
 
     num = torch.zeros(t.shape[1:], dtype=t.dtype)
@@ -117,7 +122,9 @@ def disjoint_mean(t: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor) ->
         agree = (torch.sign(tj) == sign).to(t.dtype)
         num.addcmul_(agree, tj, value=wj)
         den.add_(agree, alpha=wj)
-    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+        del agree
+    # where no input agrees, num is 0 too: dividing by 1 there leaves the 0 (in place, no new tensors)
+    return num.div_(den.masked_fill_(den == 0, 1.0))
 
 
 def factorise(dw: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
