@@ -19,7 +19,8 @@ Targets: poc wall <= 1.2x floor, poc peak RSS <= 25% of the output file; svd < 6
 baselines the table shows how far above the floor they are and their peak RSS against the
 bound "poc's peak + M + 10 full updates of the largest module" (what streaming module by module
 allows: the M inputs' updates of one module, the trimming/drop, sign and mean buffers, the SVD's
-copy, factors and workspace, and allocator slack; measured 3 + 10 for M = 3), so a method that
+copy, factors and workspace, and allocator slack; measured 9 to 12 for M = 3 with 1, 2 and 4
+layers, ``--hidden 1024``), so a method that
 held more than one module's updates per input at a time, or grew with the layers, would show.
 
 Example:
