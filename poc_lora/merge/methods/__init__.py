@@ -288,7 +288,7 @@ def methods_markdown() -> str:
 
     Example:
         >>> print(methods_markdown().splitlines()[0])
-        | method | what is written | rank | report label | reference |
+        | method | what is written | rank | report label | reference | PEFT `add_weighted_adapter` |
     """
     rows = ["| method | what is written | rank | report label | reference | PEFT `add_weighted_adapter` |",
             "|---|---|---|---|---|---|"]
