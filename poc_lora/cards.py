@@ -345,11 +345,12 @@ def merge_values(report: Any, exact: bool = True) -> dict[str, Any]:
     rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     ranks = sorted(set(rep["output_ranks"].values()))
     overall = rep.get("overall", {})
+    written = rep.get("written_rank")
     values = {
         "method": rep["method"],
         "num_adapters": len(rep["inputs"]),
         "sources": _source_values(rep),
-        "merged_rank": ranks[0] if len(ranks) == 1 else ranks,
+        "merged_rank": written if written is not None else (ranks[0] if len(ranks) == 1 else ranks),
         "rank": rep.get("rank"),
         "seed": rep.get("seed"),
         "dtype": rep.get("dtype"),
@@ -358,8 +359,14 @@ def merge_values(report: Any, exact: bool = True) -> dict[str, Any]:
         "norm_dW": overall.get("norm_dW"),
         "norm_merged": overall.get("norm_merged"),
     }
-    if not exact:  # svd / prune / soup: distance of the written update to the exact merge
+    values.update(rep.get("params") or {})  # density, majority_sign_method (ties, dare_*)
+    if not exact or overall.get("rel_error"):  # svd / prune / soup / baselines / truncated: vs the exact merge
         values["rel_error"] = overall.get("rel_error")
+    if overall.get("truncation_error"):  # the rank-K SVD of a full-update method, or --serve_rank
+        values["truncation_error"] = overall.get("truncation_error")
+    if written is not None:
+        values["serve_rank"] = rep.get("serve_rank")
+        values["vllm_max_lora_rank"] = rep.get("vllm_max_lora_rank")
     return values
 
 
@@ -409,7 +416,8 @@ def merge_card(directory: str | Path, report: Any, method: Any) -> Any:
     meta["datasets"] = datasets
     m = v["num_adapters"]
     what = "merged into the base model's weights" if v["merge_into_base"] else "a LoRA adapter (PEFT)"
-    method_line = (spec.card_text or spec.description).format(rank=v["rank"], seed=v["seed"])
+    method_line = (spec.card_text or spec.description).format(rank=v["rank"], seed=v["seed"],
+                                                              **(rep.get("params") or {}))
     src_rows = [(j, f"`{s['path']}`", f"`{s['sha256']}`", s["weight"], s["rank"], s["lora_alpha"],
                  "yes" if s["use_rslora"] else "no", s["scale"],
                  _num(configs[j].get("temperature")) if configs[j] else "n/a",
@@ -422,9 +430,15 @@ def merge_card(directory: str | Path, report: Any, method: Any) -> Any:
         ("‖ΔW_j‖_F", v["norm_dW"]),
         ("‖ΔW_merged‖_F", v["norm_merged"]),
     ]
+    merge_rows += [(name.replace("_", " "), v[name]) for name in spec.parameters if name in v]
     if "rel_error" in v:
         merge_rows.append(("relative Frobenius error of the written update vs the exact merge", v["rel_error"]))
+    if "truncation_error" in v:
+        merge_rows.append(("relative Frobenius error of the rank truncation (SVD)", v["truncation_error"]))
     merge_rows += [("dtype", v["dtype"])] + ([("seed", v["seed"])] if spec.uses_seed else [])
+    merge_rows.append(("PEFT add_weighted_adapter equivalent", spec.peft_equivalent))
+    if "vllm_max_lora_rank" in v:
+        merge_rows.append(("vLLM --max-lora-rank needed", v["vllm_max_lora_rank"] or "none (rank > 512; see warning)"))
     warnings = "".join(f"\n- warning: {w}" for w in rep.get("warnings", []))
     body = f"""
 # {spec.title} of {m} LoRA adapters for {base}
@@ -452,11 +466,22 @@ The exact values (from `merge_report.json`):
 
 ## Usage
 
-{_usage(base, name, adapter=adapter_config is not None)}
+{_usage(base, name, adapter=adapter_config is not None)}{_serving(base, name, v.get("vllm_max_lora_rank"))}
 
 {_citation()}
 """
     return _card(meta, body)
+
+
+def _serving(base: str | None, directory_name: str, max_lora_rank: int | None) -> str:
+    """How to serve a merged adapter with vLLM (every module has one rank and scale 1, so vLLM and
+    llama.cpp's converter read it as PEFT does); empty for a merged model."""
+    if max_lora_rank is None:
+        return ""
+    return (f"\n\nServing: every module has the same rank and scale 1 (no rank_pattern / alpha_pattern), so "
+            f"vLLM and llama.cpp's `convert_lora_to_gguf.py` apply the same update as PEFT. vLLM needs "
+            f"`--max-lora-rank {max_lora_rank}`:\n\n```bash\nvllm serve {base} --enable-lora --max-lora-rank "
+            f"{max_lora_rank} --lora-modules merged={directory_name}\n```")
 
 
 def write_merge_card(directory: str | Path, report: Any, method: Any) -> Path:

@@ -134,12 +134,21 @@ class PocArguments:
 
 @dataclass
 class MergeArguments:
-    """PoC merge of the M adapters (poc_lora.merge): method(s), target rank, prune seed, weights, dtype."""
+    """Merging the M adapters (poc_lora.merge): methods, rank, seed, density, sign election, serve_rank, weights, dtype."""
 
     methods: list[str] = field(default_factory=lambda: ["poc"], metadata={
-        "help": "pipeline: merge methods to run (poc is the paper's; svd, prune, soup for comparison)"})
-    rank: int | None = field(default=None, metadata={"help": "target rank K for svd/prune (default: one adapter's rank)"})
-    seed: int = field(default=0, metadata={"help": "seed for the prune method"})
+        "help": "pipeline: merge methods to run (poc is the paper's; svd, prune for its variants; soup, ties, "
+                "dare_linear, dare_ties as baselines)"})
+    rank: int | None = field(default=None, metadata={
+        "help": "target rank K for svd/prune/ties/dare_linear/dare_ties (pipeline default: one adapter's rank)"})
+    seed: int = field(default=0, metadata={"help": "seed for the methods that draw (prune, dare_linear, dare_ties)"})
+    density: float | None = field(default=None, metadata={
+        "help": "ties/dare_*: fraction of each update's entries kept, in (0, 1] (default 0.5)"})
+    majority_sign_method: str | None = field(default=None, metadata={
+        "help": "ties/dare_ties sign election: total (sign of the weighted sum) or frequency (default total)"})
+    serve_rank: str | None = field(default=None, metadata={
+        "help": "auto or N: SVD-truncate every module to the largest vLLM max_lora_rank <= N (auto: the smallest "
+                "allowed value >= the merged rank, at most 512); default: no truncation"})
     weights: str | None = field(default=None, metadata={
         "help": "comma-separated weights w_j (default 1/M each); negative allowed"})
     dtype: str | None = field(default=None, metadata={
@@ -153,6 +162,8 @@ class MergeArguments:
             raise ConfigError(f"merge dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"merge rank must be >= 1, got {self.rank}")
+        # density, majority_sign_method and serve_rank are checked by the merge itself (one place:
+        # poc_lora.merge.methods.resolve_parameters, poc_lora.merge.serving.parse_serve_rank)
 
 
 @dataclass

@@ -58,7 +58,8 @@ from .models import TINY_MODEL_ID
 from .outputs import atomic_write_text, write_json
 from .report import accuracy_percentages, comparison_rows, markdown_table, plot_grouped_bars
 from .stages import changed_settings, clear_stage, is_current, stage_hash, write_stage
-from .merge.methods import get_method, method_names
+from .merge.methods import get_method, method_names, resolve_parameters
+from .merge.serving import parse_serve_rank
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # The pipeline command's keys: its own sections (the eval keys it uses), then every training key.
-PIPELINE_SECTIONS = (("pipeline", None), ("merge", ("methods", "rank", "seed")),
+PIPELINE_SECTIONS = (("pipeline", None),
+                     ("merge", ("methods", "rank", "seed", "density", "majority_sign_method", "serve_rank")),
                      ("eval", ("data_dir", "tasks", "mode", "limit", "batch_size", "num_beams", "include_base")))
 # Keys of the flat pipeline YAMLs of earlier releases -> their key now.
 LEGACY_KEYS = {
@@ -169,11 +171,22 @@ class PipelineConfig:
         return cfg
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for a merge method the pipeline does not know."""
+        """Raise :class:`ConfigError` for a merge method the pipeline does not know, or merge
+        parameters out of range (before any training)."""
         bad = [m for m in self.merge.methods if m not in method_names()]
         if bad or not self.merge.methods:
             raise ConfigError(f"merge.methods (earlier: merge_methods): unknown method {bad[:1]}; "
                               f"valid: {', '.join(method_names())}")
+        for method in self.merge.methods:
+            self.merge_parameters(method)
+        parse_serve_rank(self.merge.serve_rank)
+
+    def merge_parameters(self, method: str) -> dict[str, Any]:
+        """The parameters ``method`` runs with: the merge section's density and sign election
+        where the method takes them (the others ignore them), else the defaults."""
+        spec = get_method(method)
+        given = {"density": self.merge.density, "majority_sign_method": self.merge.majority_sign_method}
+        return resolve_parameters(method, **{k: v for k, v in given.items() if k in spec.parameters})
 
     def train_config(self, output_dir: str | os.PathLike) -> Any:
         """The :class:`~poc_lora.config.TrainConfig` of the ensemble: ``pipeline.train_config``
@@ -191,6 +204,9 @@ class PipelineConfig:
             **({"data_order": p.data_order} if p.data_order != "per_member" else {}),
             "train_overrides": {k.split(".", 1)[1]: v for k, v in self.train_updates.items()},
             "merge_methods": list(m.methods), "merge_rank": m.rank, "merge_seed": m.seed,
+            # the newer merge keys only when set: the settings (and stage hashes) of earlier runs stay as they were
+            **{f"merge_{k}": getattr(m, k) for k in ("density", "majority_sign_method", "serve_rank")
+               if getattr(m, k) is not None},
             "eval_data_dir": e.data_dir, "eval_tasks": e.tasks, "eval_mode": e.mode, "eval_limit": e.limit,
             "eval_batch_size": e.batch_size, "eval_num_beams": e.num_beams, "include_base": e.include_base,
             "output_dir": p.output_dir,
@@ -250,8 +266,14 @@ def _merge_settings(cfg: PipelineConfig, method: str, adapters: list[Path]) -> d
     rank = None
     if spec.needs_rank:
         rank = cfg.merge.rank if cfg.merge.rank is not None else _adapter_rank(adapters[0])
-    return {"method": method, "rank": rank, "seed": cfg.merge.seed if spec.uses_seed else None,
-            "adapters": [str(a) for a in adapters], "adapter_stages": [stage_hash(a) for a in adapters]}
+    settings = {"method": method, "rank": rank, "seed": cfg.merge.seed if spec.uses_seed else None,
+                "adapters": [str(a) for a in adapters], "adapter_stages": [stage_hash(a) for a in adapters]}
+    # only where they apply: the markers of merges written before these keys existed stay current
+    if spec.parameters:
+        settings["params"] = cfg.merge_parameters(method)
+    if cfg.merge.serve_rank is not None:
+        settings["serve_rank"] = cfg.merge.serve_rank
+    return settings
 
 
 def _merge_stage(cfg: PipelineConfig, adapters: list[Path], out: Path, overwrite: bool) -> dict[str, Path]:
@@ -266,7 +288,8 @@ def _merge_stage(cfg: PipelineConfig, adapters: list[Path], out: Path, overwrite
             logger.info("merge %d/%d (%s) into %s (%s)", i, len(cfg.merge.methods), method, target, why)
             clear_stage(target)
             report = merge_adapters(adapters, target, method=method, rank=settings["rank"], seed=cfg.merge.seed,
-                                    overwrite=True)
+                                    overwrite=True, serve_rank=cfg.merge.serve_rank,
+                                    **settings.get("params", {}))
             write_stage(target, "merge", settings)
             logger.info("%s", report.summary())
         merges[method] = target
@@ -283,8 +306,12 @@ def _adapter_rank(adapter: Path) -> int:
 
 def _label(method: str, merged: Path) -> str:
     """The report label of the merge in ``merged`` (the method registry's), with the rank of the
-    adapter written there."""
-    return get_method(method).row_label(_adapter_rank(merged))
+    adapter written there and the parameters its ``merge_report.json`` records."""
+    try:
+        params = json.loads((merged / "merge_report.json").read_text()).get("params") or {}
+    except (OSError, ValueError):
+        params = {}
+    return get_method(method).row_label(_adapter_rank(merged), **params)
 
 
 def eval_dtype(train_cfg: Any) -> str:
@@ -386,7 +413,9 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: EvalResult, merges: dict
     what = _what_was_run(cfg, out, evaluation)
     chance = _chance_levels(evaluation.data_dir, suites, cfg.eval.limit)
     chance_row = {**{SUITES[s].column: chance[s] for s in suites}, AVERAGE_COLUMN: sum(chance.values()) / len(suites)}
-    merge_keys = {by_path[p.resolve()]: _label(meth, p) for meth, p in merges.items()}
+    # the paper's merge and its variants first, the baselines (soup, ties, dare_*) under them
+    ordered = sorted(merges.items(), key=lambda kv: get_method(kv[0]).title != "PoC merge")
+    merge_keys = {by_path[p.resolve()]: _label(meth, p) for meth, p in ordered}
     singles = {by_path[a.resolve()] for a in adapters}
     base = [k for k, m in evaluation.models.items() if m.kind == "base"]
     base_rows = [{"Method": "Base model", **acc[k], "Model": k} for k in base]

@@ -20,10 +20,9 @@ from poc_lora.merge import main_merge
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     keys = add_merge_arguments(parser)
-    args = merge_namespace(keys, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return main_merge(args)
+        return main_merge(merge_namespace(keys, sys.argv[1:] if argv is None else argv))
     except PocLoraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

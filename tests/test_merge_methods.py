@@ -114,7 +114,7 @@ def test_registry_declares_what_each_method_needs():
         assert m.description and m.reference and "\n" not in m.description
         assert f"| `{name}`" in methods_markdown()
     with pytest.raises(ConfigError, match="method must be one of poc"):
-        get_method("ties")
+        get_method("breadcrumbs")
 
 
 # ------------------------------------------------------------------ a new method: one registration
@@ -146,7 +146,7 @@ def test_a_registered_method_reaches_cli_validation_labels_and_card(mean_method,
     help_text = capsys.readouterr().out
     assert "mean" in help_text and "toy: (1/M)" in help_text
     assert main(["merge", *map(str, dirs), "--output", str(tmp_path / "m"), "--method", "mean", "--rank", "2"]) == 1
-    assert "--rank is only used by --method prune/svd, not mean" in capsys.readouterr().err
+    assert "--rank is only used by --method dare_linear/dare_ties/prune/svd/ties, not mean" in capsys.readouterr().err
     assert main(["merge", *map(str, dirs), "--output", str(tmp_path / "m"), "--method", "mean",
                  "--weights", "0.9,0.3"]) == 0
     sd = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
@@ -162,6 +162,62 @@ def test_a_registered_method_reaches_cli_validation_labels_and_card(mean_method,
     PipelineConfig(pipeline=PipelineArguments(train_config="x.yaml"), merge=MergeArguments(methods=["poc", "mean"]),
                    eval=EvalArguments()).validate()
     assert _label("mean", tmp_path / "m") == "Mean of products"
+
+
+BASELINES = {"ties": "TIES (density 0.3), rank 2", "dare_linear": "DARE linear (density 0.3), rank 2",
+             "dare_ties": "DARE-TIES (density 0.3), rank 2"}
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_the_baselines_reach_cli_validation_report_card_and_pipeline_labels(name, tmp_path, capsys):
+    from poc_lora.pipeline import PipelineConfig, _label
+
+    base = make_base(num_hidden_layers=1)
+    dirs = [make_adapter(tmp_path / f"a{j}", base, 70 + j, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+            for j in range(2)]
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    help_text = capsys.readouterr().out
+    assert name in help_text and "--density" in help_text and "--majority_sign_method" in help_text
+    args = ["merge", *map(str, dirs), "--output", str(tmp_path / "m"), "--method", name]
+    for extra, needle in [([], f"--method {name} needs a positive --rank K"),
+                          (["--rank", "2", "--density", "1.5"], "--density must be a number in (0, 1]"),
+                          (["--rank", "2", "--density", "0"], "--density must be a number in (0, 1]"),
+                          (["--rank", "17"], "--rank 17 is larger than min(out, in) = 16")]:
+        assert main(args + extra) == 1, extra
+        assert needle in capsys.readouterr().err
+    if "ties" in name:
+        assert main(args + ["--rank", "2", "--weights", "0.5,-0.5"]) == 1
+        assert "every weight must be > 0" in capsys.readouterr().err
+    else:  # no sign election: --majority_sign_method is refused, naming the methods that use it
+        assert main(args + ["--rank", "2", "--majority_sign_method", "frequency"]) == 1
+        assert "--majority_sign_method is only used by --method dare_ties/ties, not dare_linear" in \
+            capsys.readouterr().err
+    assert main(["merge", *map(str, dirs), "--output", str(tmp_path / "p"), "--density", "0.3"]) == 1
+    assert "--density is only used by --method dare_linear/dare_ties/ties, not poc" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
+
+    assert main(args + ["--rank", "2", "--density", "0.3", "--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "parameters: density=0.3" in printed and "relative error of the rank truncation (SVD)" in printed
+    assert "vLLM: --max-lora-rank 8" in printed
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    want_params = {"density": 0.3, **({"majority_sign_method": "total"} if "ties" in name else {})}
+    assert report["method"] == name and report["params"] == want_params
+    assert report["written_rank"] == 2 and report["vllm_max_lora_rank"] == 8
+    assert 0 < report["overall"]["truncation_error"] < 1 and report["overall"]["rel_error"] > 0
+    card = (tmp_path / "m" / "README.md").read_text()
+    spec = get_method(name)
+    assert f"# {spec.title} of 2 LoRA adapters" in card and "NOT the paper's method" in card
+    assert spec.peft_equivalent in card and "| density | 0.3 |" in card and "--max-lora-rank 8" in card
+    cfg = PipelineConfig(pipeline=PipelineArguments(train_config="x.yaml"),
+                         merge=MergeArguments(methods=["poc", name], density=0.3), eval=EvalArguments())
+    cfg.validate()
+    assert cfg.merge_parameters(name) == want_params and cfg.merge_parameters("poc") == {}
+    assert _label(name, tmp_path / "m") == BASELINES[name]
+    with pytest.raises(ConfigError, match="density must be a number"):
+        PipelineConfig(pipeline=PipelineArguments(train_config="x.yaml"),
+                       merge=MergeArguments(methods=[name], density=2.0), eval=EvalArguments()).validate()
 
 
 def test_an_unregistered_method_is_gone(tmp_path, capsys):
@@ -186,7 +242,7 @@ def test_report_statistics_are_typed_and_written_without_internal_fields(tmp_pat
     written = json.loads((tmp_path / "svd" / "merge_report.json").read_text())
     assert written == json.loads(json.dumps(report.to_dict()))
     assert set(written["modules"]["model.layers.0.self_attn.q_proj"]) == {
-        "rank_in", "scale_in", "rank_out", "norm_dW", "norm_merged", "spread", "rel_error"}
+        "rank_in", "scale_in", "rank_out", "norm_dW", "norm_merged", "spread", "rel_error", "truncation_error"}
     # the totals add the modules' squared norms: one module, so they agree
     assert written["overall"]["norm_merged"] == pytest.approx(st.norm_merged)
     assert written["overall"]["rel_error"] == pytest.approx(math.sqrt(st.err_sq / st.norm_sq))

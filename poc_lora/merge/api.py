@@ -23,6 +23,7 @@ from ..runtime import torch_threads
 from .base import BaseMerge
 from .compute import ModuleMerger
 from .plan import make_plan, parse_dtype
+from .serving import parse_serve_rank, too_big_warning, vllm_max_lora_rank
 from .stats import MergeReport, MergeStats
 from .writer import write_adapter, write_records, write_template_record
 
@@ -47,15 +48,24 @@ def merge_adapters(
     overwrite: bool = False,
     allow_different_base: bool = False,
     merge_into_base: bool = False,
+    density: float | None = None,
+    majority_sign_method: str | None = None,
+    serve_rank: int | str | None = None,
 ) -> MergeReport:
     """Merge PEFT LoRA adapters into one adapter (or, with ``merge_into_base``, one model).
 
     ``adapters``: adapter directories, or one directory holding several. ``method``: a name in
     the registry (:func:`poc_lora.merge.methods.method_names`; ``poc``, the paper's exact merge,
     by default). ``weights``: w_j (default 1/M; negative allowed). ``rank``: K for the methods
-    that need one (svd, prune). ``seed``: for the methods that draw (prune). ``dtype``: of the
-    written tensors. Everything is validated before the output is created; the output is built
-    in a temporary sibling and renamed at the end, so a failure leaves nothing behind.
+    that need one (svd, prune, ties, dare_*). ``seed``: for the methods that draw (prune,
+    dare_*). ``dtype``: of the written tensors. ``density`` (default 0.5) and
+    ``majority_sign_method`` (``"total"`` or ``"frequency"``): for the methods that take them
+    (ties, dare_*). ``serve_rank``: ``"auto"`` or N, truncate every module by SVD to the largest
+    vLLM ``--max-lora-rank`` value <= N (auto: the smallest >= the merged rank, at most 512).
+    The written adapter has one rank and scale 1 in every module; the report records the vLLM
+    ``--max-lora-rank`` it needs. Everything is validated before the output is created; the
+    output is built in a temporary sibling and renamed at the end, so a failure leaves nothing
+    behind.
 
     Raises:
         ConfigError, AdapterError, OutputError: naming the adapter, module, key or field.
@@ -69,8 +79,17 @@ def merge_adapters(
     output = Path(output)
     if merge_into_base and base_model is None:
         raise ConfigError("--merge-into-base needs --base-model PATH_OR_ID")
+    serve_rank = parse_serve_rank(serve_rank)
+    if merge_into_base and serve_rank is not None:
+        raise ConfigError("--serve_rank applies to a merged adapter; --merge_into_base writes a full model")
     plan = make_plan(adapters, output, method, weights, rank, seed, dtype, overwrite=overwrite,
-                     allow_different_base=allow_different_base)
+                     allow_different_base=allow_different_base, density=density,
+                     majority_sign_method=majority_sign_method, serve_rank=serve_rank)
+    written_rank = None if merge_into_base else plan.written_rank
+    vllm_rank = None if written_rank is None else vllm_max_lora_rank(written_rank)
+    if written_rank is not None and vllm_rank is None:
+        plan.warnings.append(too_big_warning(written_rank))
+        logger.warning("%s", plan.warnings[-1])
     if base_model is not None and not merge_into_base:
         plan.warnings.append("base_model is only used with merge_into_base; it was ignored")
     base = None
@@ -97,6 +116,8 @@ def merge_adapters(
                 output_ranks=dict(plan.out_ranks), modules=per_module,
                 overall=overall, warnings=plan.warnings, notes=base.notes if base is not None else [],
                 skipped_inputs=[{"path": str(p), "reason": why} for p, why in plan.skipped],
+                params=dict(plan.params), serve_rank=serve_rank, written_rank=written_rank,
+                vllm_max_lora_rank=vllm_rank,
             )
             write_records(tmp, report)
     finally:
@@ -114,6 +135,8 @@ def main_merge(args: argparse.Namespace) -> int:
         args.adapters, args.output, method=args.method, weights=args.weights, rank=args.rank,
         seed=args.seed, base_model=args.base_model, dtype=args.dtype, overwrite=args.overwrite,
         allow_different_base=args.allow_different_base, merge_into_base=args.merge_into_base,
+        density=args.density, majority_sign_method=args.majority_sign_method,
+        serve_rank=args.serve_rank,
     )
     print(report.summary())
     return 0

@@ -3,7 +3,8 @@
 :class:`ModuleMerger` reads one module's ``A_j`` and ``s_j B_j`` of every adapter into a
 :class:`~poc_lora.merge.methods.LoraStack` (float32 scratch tensors reused from module to
 module), checks them for NaN/Inf from the Gram diagonals, calls the plan's method (a pure
-function) and returns the written factors with their :class:`~poc_lora.merge.stats.ModuleStats`.
+function), truncates its result by SVD to the plan's ``--serve_rank`` cap where it is larger,
+and returns the written factors with their :class:`~poc_lora.merge.stats.ModuleStats`.
 :func:`merged_lora_bias` and :func:`merged_full_tensor` merge lora_B biases and non-LoRA tensors.
 
 Example:
@@ -21,7 +22,8 @@ import torch
 
 from ..adapters import LoraModule, check_finite
 from ..errors import AdapterError
-from .methods import LoraStack
+from .methods import Factors, LoraStack
+from .methods.svd import svd_truncate
 from .plan import MergePlan
 from .stats import ModuleStats, module_stats
 
@@ -104,11 +106,17 @@ class ModuleMerger:
                 check_finite(ad.read(m.a_key), ad.label, m.a_key)
                 check_finite(ad.read(m.b_key), ad.label, m.b_key)
         k = plan.out_ranks[name]
-        out = plan.method(stack, plan.rank, self.generator)
-        if out.a.shape[0] != k or out.b.shape[1] != k:
+        # a method on the full update is factorised once, straight to the capped rank
+        declared = k if plan.method.dense else plan.method_ranks.get(name, k)
+        out = plan.method(stack, k if plan.method.dense else plan.rank, self.generator, **plan.params)
+        if out.a.shape[0] != declared or out.b.shape[1] != declared:
             raise RuntimeError(f"merge method {plan.method.name} returned rank {out.a.shape[0]} for module {name}, "
-                               f"but declared {k}")
-        stats = module_stats(stack, gb, ga, out, plan.method.exact, [m.scale for m in mods])
+                               f"but declared {declared}")
+        exact = plan.method.exact
+        if declared > k:  # --serve_rank: the best rank-k approximation of what the method wrote
+            b, a, trunc_sq, target_sq = svd_truncate(out.b.float(), out.a.float(), k)
+            out, exact = Factors(b, a, None, trunc_sq, target_sq), False
+        stats = module_stats(stack, gb, ga, out, exact, [m.scale for m in mods])
         bias = merged_lora_bias(plan, name) if any(m.bias_key for m in mods) else None
         a_shape, b_shape = mods[0].a_shape, mods[0].b_shape
         return ModuleResult(out.a.float().reshape(k, *a_shape[1:]), out.b.float().reshape(b_shape[0], k, *b_shape[2:]),

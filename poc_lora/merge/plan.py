@@ -3,7 +3,8 @@
 :func:`make_plan` expands the adapter arguments, checks the output path, the method and its
 rank (through the method registry), the weights and the dtype, opens every adapter (lazily),
 checks that they can be merged (same base, task type, target modules, shapes, non-LoRA
-tensors) and fixes each module's output rank. Nothing is written; every problem is a
+tensors) and fixes each module's output rank (the method's, truncated to the ``--serve_rank``
+cap) and the one rank R the adapter is written with. Nothing is written; every problem is a
 :class:`~poc_lora.errors.PocLoraError` naming the adapter and the module, key or field.
 
 Example:
@@ -26,7 +27,8 @@ import torch
 from ..adapters import Adapter, check_output_not_input, expand_adapter_inputs, load_adapter
 from ..errors import AdapterError, ConfigError
 from ..outputs import check_output_path
-from .methods import MergeMethod, check_rank, get_method
+from .methods import MergeMethod, check_rank, get_method, resolve_parameters
+from .serving import serve_cap
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class MergePlan:
     """A checked merge: open adapters (close them with :meth:`close`), the method, the weights
     w_j, the seed, the output dtype, the modules in write order and each one's output rank, the
-    non-LoRA tensors (PEFT layout), warnings so far and the directory children left out."""
+    non-LoRA tensors (PEFT layout), warnings so far and the directory children left out.
+
+    ``params``: the method's parameters (density, majority_sign_method; see
+    ``methods.resolve_parameters``). ``method_ranks``: each module's rank as the method writes
+    it; ``out_ranks``: after the ``serve_rank`` cap (``serve_cap``, None: none). A merged
+    adapter is written with rank :attr:`written_rank` in every module (zero-padded)."""
 
     adapters: list[Adapter]
     weights: list[float]
@@ -50,6 +57,15 @@ class MergePlan:
     full_keys: list[str]
     warnings: list[str] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (directory child, why it was left out)
+    params: dict[str, object] = field(default_factory=dict)
+    serve_rank: int | str | None = None
+    serve_cap: int | None = None
+    method_ranks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def written_rank(self) -> int:
+        """The rank of every module of the written adapter: the largest output rank."""
+        return max(self.out_ranks.values())
 
     @property
     def has_lora_bias(self) -> bool:
@@ -129,7 +145,8 @@ def output_ranks(adapters: list[Adapter], method: MergeMethod, rank: int | None,
 
     Raises:
         AdapterError: a method that needs equal ranks gets different ones (naming the adapter).
-        ConfigError: ``rank`` exceeds a module's total rank sum_j r_j.
+        ConfigError: ``rank`` exceeds a module's total rank sum_j r_j, or for a method on the
+            full update (``method.dense``) the module's min(out, in).
     """
     out = {}
     for name in names:
@@ -138,7 +155,13 @@ def output_ranks(adapters: list[Adapter], method: MergeMethod, rank: int | None,
             j = next(i for i, r in enumerate(ranks) if r != ranks[0])
             raise AdapterError(f"{adapters[j].label}: module {name} has rank {ranks[j]} but {adapters[0].label} "
                                f"has {ranks[0]}; --method {method.name} needs equal ranks")
-        if method.needs_rank and rank > sum(ranks):
+        if method.needs_rank and method.dense:
+            m = adapters[0].modules[name]
+            n_out, n_in = m.b_shape[0], math.prod(m.a_shape[1:])
+            if rank > min(n_out, n_in):
+                raise ConfigError(f"--rank {rank} is larger than min(out, in) = {min(n_out, n_in)} of module {name} "
+                                  f"({n_out} x {n_in}), the largest rank its update can have")
+        elif method.needs_rank and rank > sum(ranks):
             raise ConfigError(f"--rank {rank} is larger than the total rank {sum(ranks)} of module {name}")
         out[name] = method.output_rank(ranks, rank)
     return out
@@ -164,11 +187,14 @@ def check_zero_sum(adapters: list[Adapter], method: MergeMethod) -> None:
 
 def make_plan(adapter_dirs: Sequence[str | Path], output: Path, method: str, weights: Sequence[float] | None,
               rank: int | None, seed: int, dtype: str | torch.dtype | None, *, overwrite: bool,
-              allow_different_base: bool) -> MergePlan:
+              allow_different_base: bool, density: float | None = None, majority_sign_method: str | None = None,
+              serve_rank: int | str | None = None) -> MergePlan:
     """Read and check everything a merge needs; the adapters stay open (``plan.close()``).
 
     ``weights``: w_j (default 1/M). ``dtype``: of the written tensors (default: the inputs'
-    dtype, float32 when they differ).
+    dtype, float32 when they differ). ``density``, ``majority_sign_method``: for the methods
+    that take them (None: the default). ``serve_rank``: ``"auto"`` or N, the cap on every
+    module's rank (``serving.serve_cap``).
 
     Raises:
         ConfigError, AdapterError, OutputError: before anything is written, naming what is wrong.
@@ -181,6 +207,7 @@ def make_plan(adapter_dirs: Sequence[str | Path], output: Path, method: str, wei
     check_output_not_input(output, dirs)
     check_output_path(output, overwrite)
     check_rank(spec.name, rank)
+    params = resolve_parameters(spec.name, density=density, majority_sign_method=majority_sign_method)
     if weights is None:
         weights = [1.0 / len(dirs)] * len(dirs)
     weights = [float(w) for w in weights]
@@ -188,6 +215,9 @@ def make_plan(adapter_dirs: Sequence[str | Path], output: Path, method: str, wei
         raise ConfigError(f"got {len(weights)} weights for {len(dirs)} adapters ({', '.join(map(str, dirs))})")
     if not all(math.isfinite(w) for w in weights):
         raise ConfigError(f"weights must be finite numbers, got {weights}")
+    if spec.positive_weights and not all(w > 0 for w in weights):
+        raise ConfigError(f"--method {spec.name} elects a sign per entry over the weighted updates, so every weight "
+                          f"must be > 0, got {weights}")
     out_dtype = parse_dtype(dtype)
     adapters: list[Adapter] = []
     try:
@@ -205,8 +235,11 @@ def make_plan(adapter_dirs: Sequence[str | Path], output: Path, method: str, wei
     if out_dtype is None:  # the inputs' dtype, or float32 when they disagree
         in_dtypes = {ad.tensors.info[m.a_key].dtype for ad in adapters for m in ad.modules.values()}
         out_dtype = in_dtypes.pop() if len(in_dtypes) == 1 else torch.float32
-    return MergePlan(adapters, weights, spec, rank, seed, out_dtype, names, out_ranks, adapters[0].full_keys,
-                     [], list(skipped))
+    cap = serve_cap(serve_rank, max(out_ranks.values()))
+    capped = {n: min(k, cap) if cap is not None else k for n, k in out_ranks.items()}
+    plan = MergePlan(adapters, weights, spec, rank, seed, out_dtype, names, capped, adapters[0].full_keys,
+                     [], list(skipped), params, serve_rank, cap, out_ranks)
+    return plan
 
 
 __all__ = ["DTYPES", "MergePlan", "check_compatible", "check_zero_sum", "make_plan", "output_ranks", "parse_dtype"]

@@ -70,10 +70,12 @@ def _sqrt(x: float) -> float:
 class ModuleStats(_ByKey):
     """One module: input ranks r_j and scales s_j, output rank K, ``norm_dW`` (||s_j B_j A_j||_F
     per adapter), ``norm_merged`` (||dW_merged||_F of the exact merge), ``spread``, ``rel_error``
-    (||written - exact||_F / ||exact||_F; 0 for an exact method).
+    (||written - exact||_F / ||exact||_F; 0 for an exact method), ``truncation_error``
+    (||written - X||_F / ||X||_F, X the method's own full result before the rank-K SVD of the
+    full-update methods or the ``--serve_rank`` truncation; 0 when nothing was truncated).
 
-    ``pairwise_inner`` (M x M, float32), ``err_sq`` and ``norm_sq`` are what the totals are
-    summed from; they are not written per module."""
+    ``pairwise_inner`` (M x M, float32), ``err_sq``, ``norm_sq``, ``trunc_sq`` and
+    ``target_sq`` are what the totals are summed from; they are not written per module."""
 
     rank_in: list[int]
     scale_in: list[float]
@@ -85,11 +87,14 @@ class ModuleStats(_ByKey):
     pairwise_inner: torch.Tensor = field(repr=False)
     err_sq: float = field(repr=False)
     norm_sq: float = field(repr=False)
+    truncation_error: float = 0.0
+    trunc_sq: float = field(default=0.0, repr=False)
+    target_sq: float = field(default=0.0, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank_in": list(self.rank_in), "scale_in": list(self.scale_in), "rank_out": self.rank_out,
                 "norm_dW": list(self.norm_dW), "norm_merged": self.norm_merged, "spread": self.spread,
-                "rel_error": self.rel_error}
+                "rel_error": self.rel_error, "truncation_error": self.truncation_error}
 
 
 def module_stats(stack: LoraStack, gb: torch.Tensor, ga: torch.Tensor, out: Factors, exact: bool,
@@ -99,10 +104,12 @@ def module_stats(stack: LoraStack, gb: torch.Tensor, ga: torch.Tensor, out: Fact
     ``gb = stack.b^T stack.b`` and ``ga = stack.a stack.a^T`` (N x N, unweighted); ``out`` the
     method's factors. The squared error is ``out.err_sq`` when the method gives it, 0 for an
     exact method, else ``||out||^2 + ||target||^2 - 2 <out, target>`` from small Gram products.
+    The truncation error comes from ``out.trunc_sq`` / ``out.target_sq`` (0 when None).
     """
     p = gram_inner(gb, ga, stack.sizes)
     w = stack.weight_tensor
     norm_sq = float(w @ p @ w)
+    out_sq = None
     if out.err_sq is not None:
         err_sq = out.err_sq
     elif exact:
@@ -112,11 +119,19 @@ def module_stats(stack: LoraStack, gb: torch.Tensor, ga: torch.Tensor, out: Fact
         out_sq = float(((out.b.T @ out.b) * (out.a @ out.a.T)).sum())
         cross = float(((out.b.T @ bw) * (out.a @ a.T)).sum())
         err_sq = max(out_sq + norm_sq - 2 * cross, 0.0)
+    if out.trunc_sq is not None and out.target_sq is not None:
+        trunc_sq, target_sq = out.trunc_sq, out.target_sq
+    else:  # nothing truncated: the method's result is what is written
+        trunc_sq = 0.0
+        target_sq = norm_sq if exact else (out_sq if out_sq is not None else
+                                           float(((out.b.T @ out.b) * (out.a @ out.a.T)).sum()))
     return ModuleStats(
         rank_in=list(stack.sizes), scale_in=list(scales), rank_out=int(out.a.shape[0]),
         norm_dW=[_sqrt(float(x)) for x in p.diagonal()], norm_merged=_sqrt(norm_sq), spread=spread(p),
         rel_error=math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0,
         pairwise_inner=p, err_sq=err_sq, norm_sq=norm_sq,
+        truncation_error=math.sqrt(trunc_sq / target_sq) if target_sq > 0 else 0.0,
+        trunc_sq=trunc_sq, target_sq=target_sq,
     )
 
 
@@ -125,7 +140,8 @@ class MergeStats(_ByKey):
     """Totals over all modules: ``norm_dW`` (||dW_j||_F over the whole model, per adapter),
     ``norm_merged``, ``merged_to_mean_norm`` (norm_merged / mean_j norm_dW: near 1/sqrt(M) for
     unrelated adapters, near 1 for similar ones), ``spread``, ``pairwise_inner`` (the M x M
-    matrix <dW_i, dW_j>_F) and ``rel_error`` (overall relative Frobenius error)."""
+    matrix <dW_i, dW_j>_F), ``rel_error`` (overall relative Frobenius error vs the exact merge)
+    and ``truncation_error`` (overall relative error of the rank truncations, see ModuleStats)."""
 
     norm_dW: list[float]
     norm_merged: float
@@ -133,16 +149,19 @@ class MergeStats(_ByKey):
     spread: float
     pairwise_inner: list[list[float]]
     rel_error: float
+    truncation_error: float = 0.0
 
     @classmethod
     def total(cls, per_module: Sequence[ModuleStats], num_adapters: int) -> "MergeStats":
         """The totals of ``per_module`` (inner products and squared norms add over modules)."""
         p_tot = torch.zeros(num_adapters, num_adapters, dtype=torch.float64)
-        err_sq = norm_sq = 0.0
+        err_sq = norm_sq = trunc_sq = target_sq = 0.0
         for st in per_module:
             p_tot += st.pairwise_inner.double()
             err_sq += st.err_sq
             norm_sq += st.norm_sq
+            trunc_sq += st.trunc_sq
+            target_sq += st.target_sq
         norms = [_sqrt(float(x)) for x in p_tot.diagonal()]
         mean_norm = sum(norms) / num_adapters
         return cls(
@@ -152,6 +171,7 @@ class MergeStats(_ByKey):
             spread=spread(p_tot),
             pairwise_inner=p_tot.tolist(),
             rel_error=math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0,
+            truncation_error=math.sqrt(trunc_sq / target_sq) if target_sq > 0 else 0.0,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,7 +180,12 @@ class MergeStats(_ByKey):
 
 @dataclass
 class MergeReport(_ByKey):
-    """What a merge did; written as ``merge_report.json`` in the output directory."""
+    """What a merge did; written as ``merge_report.json`` in the output directory.
+
+    ``params``: the method's parameters (density, majority_sign_method). ``serve_rank``: as
+    asked (None, "auto" or N); ``written_rank``: the rank of every module of the written
+    adapter; ``vllm_max_lora_rank``: the smallest vLLM ``--max-lora-rank`` that loads it (None
+    above 512, and for a merge into the base model)."""
 
     output: str
     method: str
@@ -177,6 +202,10 @@ class MergeReport(_ByKey):
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was done beyond the merge itself (untying...)
     skipped_inputs: list[dict[str, str]] = field(default_factory=list)  # directory children left out
+    params: dict[str, Any] = field(default_factory=dict)
+    serve_rank: int | str | None = None
+    written_rank: int | None = None
+    vllm_max_lora_rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -184,7 +213,7 @@ class MergeReport(_ByKey):
                    output_ranks=dict(self.output_ranks), modules={k: v.to_dict() for k, v in self.modules.items()},
                    overall=self.overall.to_dict() if self.overall is not None else {},
                    warnings=list(self.warnings), notes=list(self.notes),
-                   skipped_inputs=[dict(s) for s in self.skipped_inputs])
+                   skipped_inputs=[dict(s) for s in self.skipped_inputs], params=dict(self.params))
         return out
 
     def summary(self) -> str:
@@ -198,12 +227,19 @@ class MergeReport(_ByKey):
             *(f"  skipped: {s['path']} ({s['reason']})" for s in self.skipped_inputs),
             f"  modules: {len(self.modules)}, output rank: {ranks[0] if len(ranks) == 1 else ranks}, "
             f"dtype: {self.dtype}",
+            *([f"  parameters: {', '.join(f'{k}={v}' for k, v in self.params.items())}"] if self.params else []),
             f"  weights: {', '.join(f'{w:g}' for w in self.weights)}",
             f"  ||dW_j||_F: {', '.join(f'{n:.4g}' for n in o.norm_dW)}; ||dW_merged||_F: {o.norm_merged:.4g}",
             f"  spread (mean pairwise relative distance, 0 = identical, 1 = orthogonal): {o.spread:.3f}",
         ]
-        if not get_method(self.method).exact:
+        if not get_method(self.method).exact or o.rel_error > 0:
             lines.append(f"  relative error of the written update vs the exact merge: {o.rel_error:.4g}")
+        if o.truncation_error > 0:
+            lines.append(f"  relative error of the rank truncation (SVD): {o.truncation_error:.4g}")
+        if self.written_rank is not None:
+            serve = (f"vLLM: --max-lora-rank {self.vllm_max_lora_rank}" if self.vllm_max_lora_rank is not None
+                     else "vLLM cannot load it (rank > 512; see the warning)")
+            lines.append(f"  serving: rank {self.written_rank} in every module, one scale; {serve}")
         lines.extend(f"  note: {n}" for n in self.notes)
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)

@@ -3,8 +3,11 @@ the model card, all into the temporary directory of an atomic output (:mod:`poc_
 
 The merged adapter is written tensor by tensor as each module is merged
 (:class:`~poc_lora.safetensors_io.SafetensorsStreamWriter`), with the first input's
-``adapter_config.json`` set to scale 1 per module (``r = lora_alpha`` = output rank, no rsLoRA),
-so PEFT applies exactly the written ``B @ A``.
+``adapter_config.json`` set to scale 1: every module is written with the same rank R (modules
+of a smaller output rank padded with zero neurons, which adds nothing to ``B @ A``),
+``r = lora_alpha = R``, no ``rank_pattern`` / ``alpha_pattern``, no rsLoRA. PEFT, vLLM
+(``lora_alpha / r``) and llama.cpp's converter (``lora_alpha`` over each tensor's rank) then
+all apply exactly the written ``B @ A`` (:mod:`.serving`).
 
 Example:
     >>> with atomic_output_dir(out, overwrite=False) as tmp:  # doctest: +SKIP
@@ -14,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +39,26 @@ REPORT_NAME = MERGE_REPORT_NAME
 
 
 def adapter_config(plan: MergePlan) -> dict[str, Any]:
-    """The first input's config with scale 1 per module: r = lora_alpha = output rank."""
+    """The first input's config with scale 1 in every module: r = lora_alpha = the written rank,
+    no per-module patterns (vLLM and llama.cpp's converter read only the global values)."""
     cfg = dict(plan.adapters[0].config)
-    counts = Counter(plan.out_ranks.values())
-    r = counts.most_common(1)[0][0]
+    r = plan.written_rank
     # init_lora_weights=True: the output is a plain LoRA, whatever (allowlisted) init the inputs had;
     # PEFT would otherwise re-run e.g. "orthogonal" (which needs an even rank) when loading it
     cfg.update(r=r, lora_alpha=r, use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={},
                init_lora_weights=True, lora_bias=plan.has_lora_bias, inference_mode=True, velora_config=None)
-    if len(counts) > 1:
-        # PEFT matches pattern keys as suffixes and takes the first hit, so list every module,
-        # longest name first: each module then finds its own entry before any shorter suffix.
-        names = sorted(plan.out_ranks, key=lambda n: (-len(n), n))
-        cfg["rank_pattern"] = {n: plan.out_ranks[n] for n in names}
-        cfg["alpha_pattern"] = {n: plan.out_ranks[n] for n in names}
     return cfg
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` (k, ...) and ``b`` (out, k, ...) padded with zero neurons to rank ``r`` >= k: the
+    product ``b @ a`` is unchanged (exactly: the added terms are 0 x 0)."""
+    k = a.shape[0]
+    if k == r:
+        return a, b
+    a_pad = torch.cat([a, a.new_zeros(r - k, *a.shape[1:])], 0)
+    b_pad = torch.cat([b, b.new_zeros(b.shape[0], r - k, *b.shape[2:])], 1)
+    return a_pad, b_pad
 
 
 def template_record(plan: MergePlan) -> dict[str, Any] | None:
@@ -70,8 +77,9 @@ def template_record(plan: MergePlan) -> dict[str, Any] | None:
 def _adapter_specs(plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     first = plan.adapters[0]
     specs = []
+    k = plan.written_rank
     for name in plan.module_names:
-        m, k = first.modules[name], plan.out_ranks[name]
+        m = first.modules[name]
         specs.append((m.peft_key("A"), plan.out_dtype, (k, *m.a_shape[1:])))
         specs.append((m.peft_key("B"), plan.out_dtype, (m.b_shape[0], k, *m.b_shape[2:])))
         if any(ad.modules[name].bias_key for ad in plan.adapters):
@@ -90,8 +98,9 @@ def write_adapter(plan: MergePlan, tmp: Path, merger: ModuleMerger) -> dict[str,
         for name in tqdm(plan.module_names, desc=f"merge ({plan.method.name})", unit="module"):
             res = merger.merge(name)
             m = plan.adapters[0].modules[name]
-            writer.write(m.peft_key("A"), res.a.to(plan.out_dtype))
-            writer.write(m.peft_key("B"), res.b.to(plan.out_dtype))
+            a, b = pad_rank(res.a, res.b, plan.written_rank)
+            writer.write(m.peft_key("A"), a.to(plan.out_dtype))
+            writer.write(m.peft_key("B"), b.to(plan.out_dtype))
             if res.bias is not None:
                 writer.write(m.peft_key("bias"), res.bias.to(plan.out_dtype))
             per_module[name] = res.stats
@@ -114,5 +123,5 @@ def write_template_record(plan: MergePlan, tmp: Path) -> None:
         write_json(tmp / TEMPLATE_RECORD_FILE, record)
 
 
-__all__ = ["REPORT_NAME", "adapter_config", "template_record", "write_adapter", "write_records",
+__all__ = ["REPORT_NAME", "adapter_config", "pad_rank", "template_record", "write_adapter", "write_records",
            "write_template_record"]

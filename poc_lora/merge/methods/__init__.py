@@ -12,8 +12,14 @@ Every place that needs to know the methods reads this registry: the CLI's ``--me
 and help, merge validation (which methods need ``--rank``, which need equal ranks), the report
 summary, the model card, the pipeline's row labels and :func:`methods_markdown` (the README's
 table). Each ``*.py`` module in this package is imported below and registers its method, so a
-new method (TIES, DARE, ...) is one new file here plus its tests; :func:`register` and
+new method is one new file here plus its tests (``_``-prefixed modules hold code that several
+methods share, e.g. :mod:`._task_ops` for TIES and DARE); :func:`register` and
 :func:`unregister` add or remove one at run time.
+
+Methods that take parameters beyond ``--rank``/``--seed`` (``density``,
+``majority_sign_method``) declare them in :attr:`MergeMethod.parameters`; their defaults and
+checks are :data:`PARAMETERS` and :func:`resolve_parameters`, the one place the CLI, the
+config, the pipeline, the report and the card read them from.
 
 This module and the method modules import no torch at import time: the CLI builds its
 ``--method`` choices from the registry when it starts, and importing torch takes 4-7 s on the
@@ -96,14 +102,31 @@ class Factors(NamedTuple):
     ``b``: (out, K), ``a``: (K, in), float32 (float64 is accepted and cast). ``err_sq``: the
     squared Frobenius distance to the exact merge when the method knows it (svd does, from the
     singular values it drops); None lets the caller compute it from Gram matrices.
+    ``trunc_sq`` / ``target_sq``: for a method that computes a full out x in update and
+    factorises it to rank K (ties, dare_*), the squared error of that factorisation and the
+    squared norm of the full update (None: the method writes its result as it is).
     """
 
     b: torch.Tensor
     a: torch.Tensor
     err_sq: float | None = None
+    trunc_sq: float | None = None
+    target_sq: float | None = None
 
 
-MergeFunction = Callable[[LoraStack, "int | None", "torch.Generator"], Factors]
+# (stack, rank, generator, **parameters) -> Factors; the parameters are those the method declares
+MergeFunction = Callable[..., Factors]
+
+# The merge parameters beyond rank and seed: name -> (default, what the CLI/config help says).
+PARAMETERS: dict[str, tuple[object, str]] = {
+    "density": (0.5, "fraction of each update's entries kept (TIES: top magnitudes; DARE: random, rescaled "
+                     "by 1/density), in (0, 1]"),
+    "majority_sign_method": ("total", "TIES sign election: total (sign of the sum) or frequency (sign of the "
+                                      "count of signs)"),
+}
+MAJORITY_SIGN_METHODS = ("total", "frequency")
+# what the methods table shows for a parameter in a report label
+_PARAMETER_SYMBOLS = {"density": "d", "majority_sign_method": "total"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +142,13 @@ class MergeMethod:
     ``uses_seed``: draws random numbers (``--seed``). ``exact``: writes the exact merge (no
     ``rel_error`` is reported). ``title``: the model card's heading, "<title> of M LoRA
     adapters" ("PoC merge" for the paper's merge and its variants). ``tags``: model-card tags.
+    ``parameters``: the names in :data:`PARAMETERS` it takes (passed to ``function`` as keyword
+    arguments; ``{density}`` etc. may appear in ``label`` and ``card_text``). ``dense``: it
+    computes each module's full out x in update and factorises it to rank K, so K is bounded by
+    min(out, in) rather than sum_j r_j. ``positive_weights``: it needs every w_j > 0 (a sign
+    election over weighted updates means nothing otherwise). ``peft_equivalent``: the
+    ``combination_type`` of PEFT's ``add_weighted_adapter`` that computes the same update, with
+    its conditions, or "none".
     """
 
     name: str
@@ -133,10 +163,17 @@ class MergeMethod:
     exact: bool = False
     title: str = "PoC merge"
     tags: tuple[str, ...] = field(default=())
+    parameters: tuple[str, ...] = field(default=())
+    dense: bool = False
+    positive_weights: bool = False
+    peft_equivalent: str = "none"
 
-    def row_label(self, rank: int | None = None) -> str:
-        """The report row of this method; ``rank`` is the written adapter's rank."""
-        return self.label.format(rank=rank)
+    def row_label(self, rank: int | str | None = None, **params: object) -> str:
+        """The report row of this method; ``rank`` is the written adapter's rank, ``params`` its
+        parameters (defaults from :data:`PARAMETERS` where not given)."""
+        values = {p: PARAMETERS[p][0] for p in self.parameters}
+        values.update({k: v for k, v in params.items() if v is not None})
+        return self.label.format(rank=rank, **values)
 
     def output_rank(self, ranks: Sequence[int], rank: int | None) -> int:
         """The rank this method writes for a module whose inputs have ranks ``ranks``."""
@@ -144,8 +181,12 @@ class MergeMethod:
             return int(rank)
         return ranks[0] if self.equal_ranks else sum(ranks)
 
-    def __call__(self, stack: LoraStack, rank: int | None = None, generator: torch.Generator | None = None) -> Factors:
-        return self.function(stack, rank, generator)
+    def __call__(self, stack: LoraStack, rank: int | None = None, generator: torch.Generator | None = None,
+                 **params: object) -> Factors:
+        """Run the method; ``params`` may hold any merge parameters, it gets those it declares
+        (defaults from :data:`PARAMETERS` for the ones not given)."""
+        mine = {p: params[p] if params.get(p) is not None else PARAMETERS[p][0] for p in self.parameters}
+        return self.function(stack, rank, generator, **mine)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -202,6 +243,40 @@ def check_rank(name: str, rank: int | None) -> None:
         raise ConfigError(f"--rank is only used by --method {users}, not {name}")
 
 
+def resolve_parameters(name: str, **given: object) -> dict[str, object]:
+    """The parameters method ``name`` runs with: each it declares, as given or its default.
+
+    ``given``: ``density`` and ``majority_sign_method`` as the user gave them (None: not given).
+
+    Raises:
+        ConfigError: an unknown parameter, a value out of range, or a parameter given to a
+            method that does not use it (naming the methods that do).
+
+    Example:
+        >>> resolve_parameters("ties", density=0.2)
+        {'density': 0.2, 'majority_sign_method': 'total'}
+    """
+    method = get_method(name)
+    for key, value in given.items():
+        if key not in PARAMETERS:
+            raise ConfigError(f"unknown merge parameter {key!r}; known: {', '.join(PARAMETERS)}")
+        if value is None:
+            continue
+        if key not in method.parameters:
+            users = "/".join(method_names(lambda m, k=key: k in m.parameters))
+            raise ConfigError(f"--{key} is only used by --method {users}, not {name}")
+    out = {p: given[p] if given.get(p) is not None else PARAMETERS[p][0] for p in method.parameters}
+    if "density" in out:
+        density = out["density"]
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < float(density) <= 1:
+            raise ConfigError(f"--density must be a number in (0, 1], got {density!r}")
+        out["density"] = float(density)
+    if "majority_sign_method" in out and out["majority_sign_method"] not in MAJORITY_SIGN_METHODS:
+        raise ConfigError(f"--majority_sign_method must be one of {', '.join(MAJORITY_SIGN_METHODS)}, "
+                          f"got {out['majority_sign_method']!r}")
+    return out
+
+
 def methods_help() -> str:
     """One line per method for ``--method`` help: ``name: description``."""
     text = "; ".join(f"{m.name}: {m.description}" for m in map(get_method, method_names()))
@@ -213,20 +288,23 @@ def methods_markdown() -> str:
 
     Example:
         >>> print(methods_markdown().splitlines()[0])
-        | method | what is written | rank | report label | reference |
+        | method | what is written | rank | report label | reference | PEFT `add_weighted_adapter` |
     """
-    rows = ["| method | what is written | rank | report label | reference |", "|---|---|---|---|---|"]
+    rows = ["| method | what is written | rank | report label | reference | PEFT `add_weighted_adapter` |",
+            "|---|---|---|---|---|---|"]
     for m in map(get_method, method_names()):
         rank = "K (`--rank`)" if m.needs_rank else ("r (equal ranks)" if m.equal_ranks else "Σ_j r_j")
+        symbols = {p: _PARAMETER_SYMBOLS.get(p, p) for p in m.parameters}
         rows.append(f"| `{m.name}`{' (default)' if m.name == 'poc' else ''} | {m.description} | {rank} | "
-                    f"{m.row_label('K')} | {m.reference} |")
+                    f"{m.row_label('K', **symbols)} | {m.reference} | {m.peft_equivalent} |")
     return "\n".join(rows)
 
 
-# every module of this package defines and registers one method
+# every public module of this package defines and registers one method (``_`` modules: shared code)
 for _info in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_info.name}")
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 del _info
 
-__all__ = ["Factors", "LoraStack", "MergeMethod", "check_rank", "get_method", "method_names", "methods_help",
-           "methods_markdown", "register", "unregister"]
+__all__ = ["Factors", "LoraStack", "MAJORITY_SIGN_METHODS", "MergeMethod", "PARAMETERS", "check_rank", "get_method",
+           "method_names", "methods_help", "methods_markdown", "register", "resolve_parameters", "unregister"]

@@ -37,5 +37,6 @@ METHOD = register(MergeMethod(
     card_text="the exact PoC merge: a LoRA of rank Σ_j r_j whose B is [w_1 s_1 B_1 … w_M s_M B_M] and whose A "
               "stacks the A_j, written with scale 1 (lora_alpha = r)",
     exact=True,
+    peft_equivalent="`cat` with the same weights (plain LoRA inputs; PEFT keeps use_rslora and lora_bias wrong)",
     tags=("poc-merge",),
 ))

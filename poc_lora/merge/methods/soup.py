@@ -40,5 +40,7 @@ METHOD = register(MergeMethod(
               "since mean(B)·mean(A) ≠ mean(B·A))",
     equal_ranks=True,
     title="Soup",
+    peft_equivalent="`linear` with weights w/M each (equal weights w and equal scales s_j only: PEFT splits "
+                    "√(w_j s_j) onto both factors)",
     tags=("model-soup",),
 ))

@@ -77,5 +77,6 @@ METHOD = register(MergeMethod(
     function=svd_merge,
     card_text="the best rank-{rank} approximation (truncated SVD) of the PoC merge",
     needs_rank=True,
+    peft_equivalent="`svd` with the same weights and svd_rank K",
     tags=("poc-merge", "svd"),
 ))
