@@ -48,6 +48,7 @@ class SuiteResult:
     seconds: float
     examples_per_second: float | None
     settings: dict[str, Any] = field(default_factory=dict)
+    acc_norm: float | None = None  # choice mode: lm-evaluation-harness's length-normalised accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,6 +69,7 @@ class ModelResult:
     suites: dict[str, SuiteResult]
     average: float
     unparsed: int
+    average_norm: float | None = None  # choice mode: the suites' mean acc_norm
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
