@@ -94,12 +94,12 @@ def parse_choices(instruction: str, suite: Suite | None = None) -> Choices:
     prefix = suite.option_prefix if suite is not None else (match.group(1).capitalize() if match else "")
     if not prefix:  # BoolQ: the label words are the options
         return Choices(_strip_lead(body, suite).strip(), words, words)
-    first = re.search(rf"(?:^|\s){re.escape(prefix)}1:\s", body)
+    first = re.search(rf"(?:^|\s){re.escape(prefix)}1:(?:\s|$)", body)
     if first is None:
         raise DataError(f"cannot parse the option list: no '{prefix}1:' option line")
     starts = [(first.start(), first.end())]
     while True:  # option k+1 starts at the next "<prefix>k+1:"; what lies between is option k's text
-        nxt = re.compile(rf"\s{re.escape(prefix)}{len(starts) + 1}:\s").search(body, starts[-1][1])
+        nxt = re.compile(rf"\s{re.escape(prefix)}{len(starts) + 1}:(?:\s|$)").search(body, starts[-1][1])
         if nxt is None:
             break
         starts.append((nxt.start(), nxt.end()))
