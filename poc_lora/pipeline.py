@@ -366,7 +366,7 @@ def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: EvalResult) -> str
     ])
 
 
-def _chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: int | None) -> dict[str, float]:
+def chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: int | None) -> dict[str, float]:
     """Per suite, the accuracy in % of a uniform guess among each question's options (the
     labels the rank scorer chooses from), averaged over the evaluated questions."""
     chance = {}
@@ -423,7 +423,7 @@ def _report(cfg: PipelineConfig, out: Path, evaluations: dict[str, EvalResult], 
     suites = evaluation.tasks
     columns = [SUITES[s].column for s in suites] + [AVERAGE_COLUMN]
     what = _what_was_run(cfg, out, evaluation)
-    chance = _chance_levels(evaluation.data_dir, suites, cfg.eval.limit)
+    chance = chance_levels(evaluation.data_dir, suites, cfg.eval.limit)
     chance_row = {**{SUITES[s].column: chance[s] for s in suites}, AVERAGE_COLUMN: sum(chance.values()) / len(suites)}
     rows, per_adapter = _rows(evaluation, merges, adapters)
     tables = _other_tables(evaluations, merges, adapters)
