@@ -358,9 +358,12 @@ def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: EvalResult) -> str
     generate-mode scoring"."""
     train_cfg = cfg.train_config(out / "adapters")
     synthetic = train_cfg.data.data_path == SYNTHETIC_DATA and not cfg.eval.data_dir
+    split = train_cfg.data.validation_split
     model = evaluation.base_model
+    data = (f"validation split ({split:g} per suite) of {train_cfg.data.data_path}"
+            if split is not None and not cfg.eval.data_dir else f"data {evaluation.data_dir}")
     return ", ".join([
-        "synthetic suites" if synthetic else f"data {evaluation.data_dir}",
+        "synthetic suites" if synthetic else data,
         "tiny model" if model == TINY_MODEL_ID else f"model {model}",
         f"{evaluation.mode}-mode scoring" + (f" (also {', '.join(cfg.eval.modes[1:])})" if cfg.eval.modes[1:] else ""),
     ])
