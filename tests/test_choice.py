@@ -175,3 +175,27 @@ def test_pipeline_on_a_dataset_directory_scores_its_validation_split_in_two_mode
     assert base_rank["Ave."] == pytest.approx(100 * rank["models"]["tiny-llama"]["average"], abs=0.01)
     md = (tmp_path / "pipe" / "report.md").read_text()
     assert "## Scored in rank mode" in md and "acc_norm" in md and "choice-mode scoring (also rank)" in md
+
+
+def test_mode_lists_are_for_the_pipeline_one_mode_per_evaluation(tmp_path):
+    from poc_lora.config import EvalArguments
+    from poc_lora.errors import ConfigError
+
+    assert EvalArguments(mode="choice, rank").modes == ["choice", "rank"]
+    with pytest.raises(ConfigError, match="eval mode must be generate, rank, choice"):
+        EvalArguments(mode="choice,ranked")
+    with pytest.raises(ConfigError, match="choice_format must be lm-eval or template"):
+        EvalArguments(choice_format="lm_eval")
+    with pytest.raises(ConfigError, match="one per evaluation"):
+        evaluate("no/such-model", data_dir=tmp_path, output=tmp_path / "o", tasks="boolq", mode="choice,rank")
+
+
+def test_demo_data_dir_needs_smollm2_and_a_directory(tmp_path):
+    from poc_lora.errors import ConfigError
+    from poc_lora.pipeline import run_demo
+
+    with pytest.raises(ConfigError, match="needs --model smollm2"):
+        run_demo(tmp_path / "out", model="tiny", data_dir=tmp_path)
+    with pytest.raises(ConfigError, match="is not a directory"):
+        run_demo(tmp_path / "out", model="smollm2", data_dir=tmp_path / "missing")
+    assert not (tmp_path / "out").exists()
