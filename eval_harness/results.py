@@ -50,6 +50,7 @@ class SuiteResult:
     settings: dict[str, Any] = field(default_factory=dict)
     # prompts left-truncated to fit the model's context (eval_harness.scoring's rule); 0 in older files
     truncated_prompts: int = 0
+    acc_norm: float | None = None  # choice mode: lm-evaluation-harness's length-normalised accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,6 +71,7 @@ class ModelResult:
     suites: dict[str, SuiteResult]
     average: float
     unparsed: int
+    average_norm: float | None = None  # choice mode: the suites' mean acc_norm
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

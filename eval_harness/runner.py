@@ -41,26 +41,27 @@ from typing import Any, Sequence
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
-from poc_lora.config import EvalArguments
+from poc_lora.config import CHOICE_FORMATS, EVAL_MODES, EvalArguments
 from poc_lora.stages import differing_keys, stage_problems, write_stage
 
 from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile, sha256_file
 from poc_lora.data.suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
 from poc_lora.data.templates import TEMPLATE_RECORD_FILE, get_template, template_hash
-from poc_lora.errors import AdapterError, ConfigError, OutputError
+from poc_lora.errors import AdapterError, ConfigError, DataError, OutputError
 from poc_lora.models import float32_logits, load_model, load_tokenizer
 from poc_lora.outputs import atomic_write_text, write_json
 from poc_lora.report import accuracy_percentages, comparison_rows, markdown_table, write_table
 
+from .choice import choice_predictions, choice_request
 from .data import AVAILABLE, available_suites, load_suite, suite_file
 from .metrics import load_metric
 from .results import EvalResult, ModelResult, SuiteResult
-from .scoring import (CANDIDATE_FORMAT, candidate_labels, extract_answer, generate_responses, rank_prediction,
-                      rank_scores)
+from .scoring import (CANDIDATE_FORMAT, candidate_labels, continuation_logprobs, extract_answer, generate_responses,
+                      rank_prediction, rank_scores)
 
 logger = logging.getLogger(__name__)
 
-MODES = ("generate", "rank")
+MODES = EVAL_MODES  # generate, rank, choice
 # The one source of the evaluation defaults (the eval section of the configuration tree).
 DEFAULTS = EvalArguments()
 # Used when an adapter records no template and none is given: the reference scorer's exact
@@ -210,6 +211,8 @@ def _settings(spec: ModelSpec, suite: Suite, data_dir: Path, base_model: str, op
     }
     if opts["mode"] == "generate":
         settings.update(num_beams=opts["num_beams"], max_new_tokens=opts["max_new_tokens"])
+    elif opts["mode"] == "choice":
+        settings.update(choice_format=opts["choice_format"])
     else:
         settings.update(completion_format=CANDIDATE_FORMAT)
     return settings
@@ -252,17 +255,31 @@ def _score_suite(model: Any, tokenizer: Any, spec: ModelSpec, suite: Suite, reco
                 progress=bar.update, truncated=truncated,
             )
             outputs = [{"generated": t, "prediction": extract_answer(suite, t)} for t in texts]
+        elif opts["mode"] == "choice":
+            requests = [choice_request(suite, r, spec.template, opts["choice_format"]) for r in records]
+            logprobs = continuation_logprobs(model, tokenizer, [q.pairs for q in requests],
+                                             batch_size=opts["batch_size"], progress=bar.update, truncated=truncated)
+            outputs = []
+            for q, lps in zip(requests, logprobs):
+                pred, pred_norm = choice_predictions(q, lps)
+                outputs.append({"scores": dict(zip(q.labels, lps)), "lengths": dict(zip(q.labels, q.lengths)),
+                                "prediction": pred, "prediction_norm": pred_norm})
+            prompts = [q.pairs[0][0] for q in requests]
         else:
             cands = [candidate_labels(suite, r["instruction"]) for r in records]
             scores = rank_scores(model, tokenizer, prompts, cands, batch_size=opts["batch_size"], progress=bar.update,
                                  truncated=truncated)
             outputs = [{"scores": s, "prediction": rank_prediction(s)} for s in scores]
     cut = set(truncated)
-    return [
+    rows = [
         {"index": i, "prompt_sha256": _sha(p), **o, "label": r["answer"], "correct": o["prediction"] == r["answer"],
          "prompt_truncated": i in cut}
         for i, (p, r, o) in enumerate(zip(prompts, records, outputs))
     ]
+    for row in rows:
+        if "prediction_norm" in row:
+            row["correct_norm"] = row["prediction_norm"] == row["label"]
+    return rows
 
 
 def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[str, Any]],
@@ -286,6 +303,7 @@ def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[s
         examples_per_second=round(len(rows) / seconds, 3) if seconds > 0 else None,
         settings=settings,
         truncated_prompts=sum(bool(r.get("prompt_truncated")) for r in rows),
+        acc_norm=sum(r["correct_norm"] for r in rows) / len(rows) if rows and "correct_norm" in rows[0] else None,
     )
     write_json(pair_dir / "summary.json", summary.to_dict())
     write_stage(pair_dir, "eval", settings, files=["predictions.jsonl", "summary.json"])  # last: the pair is done
@@ -321,6 +339,7 @@ def evaluate(
     max_new_tokens: int = DEFAULTS.max_new_tokens,
     template: str | None = None,
     include_base: bool | None = None,
+    choice_format: str = DEFAULTS.choice_format,
     dtype: str = "auto",
     load_in_4bit: bool = False,
     overwrite: bool = False,
@@ -335,8 +354,13 @@ def evaluate(
         output: result directory (created; existing finished pairs are reused).
         tasks: ``"all"``, ``"available"`` (the suites whose test file ``data_dir`` holds) or
             suite names (comma-separated string or list).
-        mode: ``"generate"`` (the paper's beam search + label extraction) or ``"rank"``
-            (argmax log-likelihood of "the correct answer is <label>").
+        mode: ``"generate"`` (the paper's beam search + label extraction), ``"rank"``
+            (argmax log-likelihood of "the correct answer is <label>") or ``"choice"`` (the
+            log-likelihood of each option's text, lm-evaluation-harness's ``acc``; ``acc_norm``
+            too, in each suite's result).
+        choice_format: choice mode's requests: ``lm-eval`` (lm-evaluation-harness's prompts) or
+            ``template`` (the adapter's prompt + "the correct answer is <option text>"); see
+            :mod:`eval_harness.choice`.
         limit: evaluate the first ``limit`` examples of each suite.
         template: prompt template for adapters that record none (default ``llm-adapters``).
         include_base: also evaluate the plain base; default: only when no adapter is given.
@@ -356,7 +380,9 @@ def evaluate(
     start = time.perf_counter()
     suites = available_suites(data_dir) if tasks == AVAILABLE else parse_tasks(tasks)
     if mode not in MODES:
-        raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+        raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)} (one per evaluation)")
+    if choice_format not in CHOICE_FORMATS:
+        raise ConfigError(f"unknown choice_format {choice_format!r}; valid: {', '.join(CHOICE_FORMATS)}")
     for name, value in (("batch_size", batch_size), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -365,11 +391,18 @@ def evaluate(
         raise OutputError(f"output {output} exists and is not a directory")
     # Everything the user can get wrong is checked before the (slow) model load.
     data = {s.name: load_suite(data_dir, s, limit) for s in suites}
+    if mode == "choice":  # every option list parsed before the model loads
+        for s in suites:
+            for i, rec in enumerate(data[s.name]):
+                try:
+                    choice_request(s, rec, get_template(DEFAULT_TEMPLATE), choice_format)
+                except DataError as exc:
+                    raise DataError(f"{suite_file(data_dir, s)}: record {i}: {exc}") from None
     # A single path passed without a list is one adapter, not a sequence of characters.
     adapters, merged_adapters = ([a] if isinstance(a, (str, Path)) else list(a) for a in (adapters, merged_adapters))
     specs = _model_specs(base_model, adapters, merged_adapters, template, include_base)
     opts = dict(mode=mode, limit=limit, batch_size=batch_size, num_beams=num_beams,
-                max_new_tokens=max_new_tokens, dtype=dtype, load_in_4bit=load_in_4bit)
+                max_new_tokens=max_new_tokens, dtype=dtype, load_in_4bit=load_in_4bit, choice_format=choice_format)
     holder = _ModelHolder(base_model, dtype, load_in_4bit)
     models: dict[str, ModelResult] = {}
     warned: set[str] = set()  # suites whose over-long prompts were already reported
@@ -401,6 +434,8 @@ def evaluate(
             suites=summaries,
             average=sum(s.accuracy for s in summaries.values()) / len(summaries),
             unparsed=sum(s.unparsed for s in summaries.values()),
+            average_norm=(sum(s.acc_norm for s in summaries.values()) / len(summaries)
+                          if all(s.acc_norm is not None for s in summaries.values()) else None),
         )
     rows = _table(models, suites)
     md, csv = write_table(output / "results", ["Method", "Model", *TABLE_COLUMNS], rows)
@@ -434,6 +469,7 @@ def main_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         template=args.template,
         include_base=True if getattr(args, "include_base", False) else None,
+        choice_format=getattr(args, "choice_format", DEFAULTS.choice_format),
         dtype=getattr(args, "dtype", "auto"),
         load_in_4bit=args.load_in_4bit,
         overwrite=args.overwrite,

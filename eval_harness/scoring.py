@@ -6,6 +6,10 @@ response is the generated text up to any further ``### Response:`` marker, and t
 order of length (less padding) and put back in their original order, so predictions do not
 depend on the batch size (tested against batch size 1 in fp32).
 
+*choice* (lm-evaluation-harness's multiple-choice scoring): the log-likelihood of each option's
+*text* after the suite's lm-eval prompt (:mod:`eval_harness.choice` builds the requests),
+:func:`continuation_logprobs`, on the same shared-context machinery as *rank*.
+
 *rank* (fast): for every example, the log-likelihood of each candidate completion
 ``"the correct answer is <label>"`` given the prompt; the prediction is the argmax. The prompt
 is run once per example and its KV cache is gathered into one row per candidate, so only the
@@ -29,10 +33,12 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -241,20 +247,104 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _split_candidates(tokenizer: Any, prompt: str, completions: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-    """Token ids of the shared context and of each continuation.
+@dataclass
+class _Split:
+    """One example's token ids: the context shared by all its candidates (run once), each
+    candidate's tokens after it, and how many leading tokens of each are context, not scored."""
 
-    The completions are tokenised *together with* the prompt (as in training), and the context is
-    the longest token prefix all of them share with the prompt. Usually that is the whole prompt;
-    when a tokenizer merges across the boundary, the continuation starts a token earlier, and
-    comparing continuations given the shared prefix still compares the joint likelihoods.
+    shared: list[int]
+    rest: list[list[int]]
+    skip: list[int]
+
+
+def _split_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], score_from_shared: bool) -> _Split:
+    """Token ids of one example's ``(context, continuation)`` candidates.
+
+    Each candidate is tokenised whole (``context + continuation``, as in training); its context
+    ends where that token sequence stops agreeing with the context's own tokens (usually the
+    context's last token; a token earlier when the tokenizer merges across the boundary). The
+    shared part is the longest token prefix all candidates have in common and within every
+    context. ``score_from_shared``: score every token after the shared part (rank mode: the
+    candidates' joint likelihoods given a common context); else only each candidate's
+    continuation tokens (choice mode, lm-evaluation-harness's ``loglikelihood``). When the
+    candidates share no token at all (no BOS, contexts that differ from the first token), every
+    candidate is given the BOS (else EOS) token as context, as lm-evaluation-harness does for an
+    empty context.
     """
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full = tokenizer([prompt + c for c in completions])["input_ids"]
-    shared = min(min(_common_prefix(prompt_ids, f), len(f) - 1) for f in full)
+    contexts = sorted({c for c, _ in pairs})
+    context_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"]))
+    full = tokenizer([c + x for c, x in pairs])["input_ids"]
+    ends = [min(_common_prefix(context_ids[c], f), len(f) - 1) for (c, _), f in zip(pairs, full)]
+    shared = min(min(ends), *(_common_prefix(full[0], f) for f in full))
     if shared < 1:
-        raise ValueError("rank mode needs at least one shared context token (e.g. BOS) before the completion")
-    return prompt_ids[:shared], [f[shared:] for f in full]
+        anchor = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if anchor is None:
+            raise ValueError("the candidates share no context token and the tokenizer has neither BOS nor EOS")
+        full, ends, shared = [[anchor, *f] for f in full], [e + 1 for e in ends], 1
+    skip = [0] * len(full) if score_from_shared else [e - shared for e in ends]
+    return _Split(full[0][:shared], [f[shared:] for f in full], skip)
+
+
+def _score_splits(model: Any, tokenizer: Any, split: Sequence[_Split], batch_size: int,
+                  progress: Callable[[int], Any] | None, truncated: list[int] | None = None) -> list[list[float]]:
+    """Summed log-probabilities of each candidate's scored tokens (see :class:`_Split`).
+
+    ``batch_size`` examples' shared contexts run together (left-padded, positions as without
+    padding); their KV cache is then gathered into one row per candidate and every candidate's
+    remaining tokens run in one batch, so the context is computed once per example. A shared
+    context that does not fit in the model's context with its longest candidate is
+    left-truncated (module docstring); its index goes to ``truncated`` (or one warning).
+    """
+    context = context_length(model)
+    fitted = [dataclasses.replace(s, shared=fit_context(s.shared, context, max(map(len, s.rest)), tokenizer.bos_token_id))
+              for s in split]
+    _report_truncated([i for i, (a, b) in enumerate(zip(split, fitted)) if len(a.shared) != len(b.shared)],
+                      len(split), context, truncated)
+    split = fitted
+    pad = tokenizer.pad_token_id
+    device = _model_device(model)
+    cache_arg, keep_arg = _forward_kwargs(model)
+    # Only the context's last position is needed: skipping the other logits saves batch x length
+    # x vocabulary floats (GBs for a 128k vocabulary).
+    last_only = {keep_arg: 1} if keep_arg else {}
+    scores: list[list[float]] = [[] for _ in split]
+    for batch in _batches(_length_order([len(s.shared) for s in split]), batch_size):
+        ids, mask = _left_padded([split[i].shared for i in batch], pad, device)
+        with torch.inference_mode():
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=True, **last_only
+            )
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's 1st token
+            rows = [(b, k) for b, i in enumerate(batch) for k in range(len(split[i].rest))]
+            conts = [split[batch[b]].rest[k] for b, k in rows]
+            skips = [split[batch[b]].skip[k] for b, k in rows]
+            row_index = torch.tensor([b for b, _ in rows], device=device)
+            scored_first = torch.tensor([float(s == 0) for s in skips], device=device)
+            total = first[row_index, torch.tensor([c[0] for c in conts], device=device)] * scored_first
+            rest = max(len(c) for c in conts) - 1
+            if rest > 0:
+                # Feed tokens 1..n-1 of each continuation (right-padded) on the gathered cache.
+                cache = out[cache_arg]
+                cache.reorder_cache(row_index)
+                feed = torch.tensor([c[:-1] + [pad] * (rest + 1 - len(c)) for c in conts], device=device)
+                target = torch.tensor([c[1:] + [pad] * (rest + 1 - len(c)) for c in conts], device=device)
+                # target t is token t+1 of the continuation: scored when it lies past the context
+                valid = torch.tensor([[float(s <= t + 1 < len(c)) for t in range(rest)] for c, s in zip(conts, skips)],
+                                     device=device)
+                fed = torch.tensor([[1] * (len(c) - 1) + [0] * (rest + 1 - len(c)) for c in conts], device=device)
+                row_mask = torch.cat([mask[row_index], torch.ones_like(fed)], dim=1)
+                ctx_len = mask[row_index].sum(-1, keepdim=True)
+                pos = ctx_len + torch.arange(rest, device=device)
+                logits = model(
+                    input_ids=feed, attention_mask=row_mask, position_ids=pos, use_cache=False, **{cache_arg: cache}
+                ).logits
+                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                total = total + (logp * valid).sum(-1)
+        for (b, _), value in zip(rows, total.tolist()):
+            scores[batch[b]].append(value)
+        if progress:
+            progress(len(batch))
+    return scores
 
 
 def rank_scores(
@@ -280,55 +370,40 @@ def rank_scores(
         >>> rank_scores(model, tok, [prompt], [("true", "false")])  # doctest: +SKIP
         [{'true': -1.3, 'false': -2.9}]
     """
-    split = [
-        _split_candidates(tokenizer, p, [completion_format.format(label=c) for c in cands])
-        for p, cands in zip(prompts, candidates)
-    ]
-    context = context_length(model)
-    fitted = [(fit_context(ctx, context, max(map(len, conts)), tokenizer.bos_token_id), conts) for ctx, conts in split]
-    _report_truncated([i for i, (a, b) in enumerate(zip(split, fitted)) if len(a[0]) != len(b[0])], len(prompts),
-                      context, truncated)
-    split = fitted
-    pad = tokenizer.pad_token_id
-    device = _model_device(model)
-    cache_arg, keep_arg = _forward_kwargs(model)
-    # Only the prompt's last position is needed: skipping the other logits saves batch x length
-    # x vocabulary floats (GBs for a 128k vocabulary).
-    last_only = {keep_arg: 1} if keep_arg else {}
-    scores: list[dict[str, float]] = [{} for _ in prompts]
-    for batch in _batches(_length_order([len(s[0]) for s in split]), batch_size):
-        ids, mask = _left_padded([split[i][0] for i in batch], pad, device)
-        with torch.inference_mode():
-            out = model(
-                input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=True, **last_only
-            )
-            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's 1st token
-            rows = [(b, k) for b, i in enumerate(batch) for k in range(len(split[i][1]))]
-            conts = [split[batch[b]][1][k] for b, k in rows]
-            row_index = torch.tensor([b for b, _ in rows], device=device)
-            total = first[row_index, torch.tensor([c[0] for c in conts], device=device)]
-            rest = max(len(c) for c in conts) - 1
-            if rest > 0:
-                # Feed tokens 1..n-1 of each continuation (right-padded) on the gathered cache.
-                cache = out[cache_arg]
-                cache.reorder_cache(row_index)
-                feed = torch.tensor([c[:-1] + [pad] * (rest + 1 - len(c)) for c in conts], device=device)
-                target = torch.tensor([c[1:] + [pad] * (rest + 1 - len(c)) for c in conts], device=device)
-                valid = torch.tensor([[1] * (len(c) - 1) + [0] * (rest + 1 - len(c)) for c in conts], device=device)
-                row_mask = torch.cat([mask[row_index], torch.ones_like(valid)], dim=1)
-                ctx_len = mask[row_index].sum(-1, keepdim=True)
-                pos = ctx_len + torch.arange(rest, device=device)
-                logits = model(
-                    input_ids=feed, attention_mask=row_mask, position_ids=pos, use_cache=False, **{cache_arg: cache}
-                ).logits
-                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-                total = total + (logp * valid).sum(-1)
-        for (b, k), value in zip(rows, total.tolist()):
-            i = batch[b]
-            scores[i][candidates[i][k]] = value
-        if progress:
-            progress(len(batch))
-    return scores
+    split = [_split_pairs(tokenizer, [(p, completion_format.format(label=c)) for c in cands], score_from_shared=True)
+             for p, cands in zip(prompts, candidates)]
+    scores = _score_splits(model, tokenizer, split, batch_size, progress, truncated)
+    return [dict(zip(cands, values)) for cands, values in zip(candidates, scores)]
+
+
+def continuation_logprobs(
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[Sequence[tuple[str, str]]],
+    *,
+    batch_size: int = DEFAULTS.batch_size,
+    progress: Callable[[int], Any] | None = None,
+    truncated: list[int] | None = None,
+) -> list[list[float]]:
+    """``log p(continuation | context)`` summed over the continuation's tokens, for every
+    ``(context, continuation)`` pair of every example (lm-evaluation-harness's
+    ``loglikelihood`` request); ``requests[i]`` are example i's options, returned in order.
+
+    The pairs of one example usually share their context (the question); WinoGrande's share
+    the sentence up to the blank and a common continuation. Whatever token prefix they share is
+    run once per example (rank mode's KV-cache gathering, :func:`rank_scores`), so an example
+    costs one context pass plus one short pass over its options. ``batch_size`` examples run
+    together; the scores do not depend on it. A shared context longer than the model's context
+    minus the longest option is left-truncated as in :func:`rank_scores` (indices appended to
+    ``truncated`` when given).
+
+    Example:
+        >>> continuation_logprobs(model, tok, [[("Question: 2+2?\nAnswer:", " 4"),
+        ...                                     ("Question: 2+2?\nAnswer:", " 5")]])  # doctest: +SKIP
+        [[-1.2, -3.4]]
+    """
+    split = [_split_pairs(tokenizer, pairs, score_from_shared=False) for pairs in requests]
+    return _score_splits(model, tokenizer, split, batch_size, progress, truncated)
 
 
 def rank_prediction(scores: dict[str, float]) -> str:

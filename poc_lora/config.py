@@ -40,6 +40,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .data.choices import ANSWER_STYLES
+from .data.validation import validation_count
 from .data.synthetic import SYNTHETIC_DATA, SYNTHETIC_KINDS, SYNTHETIC_REASONING_DATA  # noqa: F401 (kept importable here)
 from .errors import ConfigError
 from .outputs import atomic_write_text, write_json
@@ -95,8 +97,16 @@ class DataArguments:
     """Instruction data (commonsense_170k layout) and its tokenisation; LLM-Adapters' names."""
 
     data_path: str | None = field(default=None, metadata={
-        "help": "JSON/JSONL file, hub dataset id, 'synthetic' (the offline cue-word suites, for the tiny model) "
+        "help": "JSON/JSONL file, an LLM-Adapters dataset/ directory (<suite>/train.json of each suite present), "
+                "hub dataset id, 'synthetic' (the offline cue-word suites, for the tiny model) "
                 "or 'synthetic-reasoning' (natural-language questions, for real models); see synthetic_*"})
+    validation_split: float | None = field(default=None, metadata={
+        "help": "dataset directories: hold out this many records per suite (a whole number) or this fraction "
+                "(0-1), seeded by val_split_seed per suite, never trained on; written as <suite>/test.json under "
+                "$POC_LORA_CACHE and evaluated by the pipeline when eval.data_dir is not set"})
+    answer_style: str = field(default="label", metadata={
+        "help": "training target: label ('the correct answer is answer2', the files as they are) or text "
+                "('the correct answer is <option text>'; BoolQ stays true/false)"})
     dataset_split: str = field(default="train", metadata={"help": "split to read from a hub dataset"})
     prompt_template: str = field(default="llm-adapters", metadata={"help": "alpaca or llm-adapters"})
     cutoff_len: int = field(default=256, metadata={"help": "maximum tokens per example (prompt + response)"})
@@ -116,6 +126,10 @@ class DataArguments:
             raise ConfigError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
         if self.val_set_size < 0:
             raise ConfigError(f"val_set_size must be >= 0, got {self.val_set_size}")
+        if self.answer_style not in ANSWER_STYLES:
+            raise ConfigError(f"answer_style must be one of {', '.join(ANSWER_STYLES)}, got {self.answer_style!r}")
+        if self.validation_split is not None:
+            validation_count(self.validation_split, 10**12, "validation_split")  # count or fraction?
 
 
 @dataclass
@@ -166,6 +180,10 @@ class MergeArguments:
         # poc_lora.merge.methods.resolve_parameters, poc_lora.merge.serving.parse_serve_rank)
 
 
+EVAL_MODES = ("generate", "rank", "choice")
+CHOICE_FORMATS = ("lm-eval", "template")
+
+
 @dataclass
 class EvalArguments:
     """Evaluation on the commonsense suites (eval_harness); one default per key for every entry point."""
@@ -175,7 +193,12 @@ class EvalArguments:
     tasks: str = field(default="all", metadata={
         "help": "all, available (the suites data_dir holds), or comma-separated suite names"})
     mode: str = field(default="generate", metadata={
-        "help": "generate (the paper's beam search + label extraction) or rank (log-likelihood of each label)"})
+        "help": "generate (the paper's beam search + label extraction), rank (log-likelihood of each label) or "
+                "choice (log-likelihood of each option's text, lm-evaluation-harness's acc/acc_norm); the pipeline "
+                "takes a comma-separated list (choice,rank) and scores every model in each mode"})
+    choice_format: str = field(default="lm-eval", metadata={
+        "help": "choice mode: lm-eval (lm-evaluation-harness's prompt per suite, ' <option text>') or template "
+                "(the adapter's prompt template, 'the correct answer is <option text>', as answer_style text trains)"})
     limit: int | None = field(default=None, metadata={"help": "first N examples per suite (default: all)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
     num_beams: int = field(default=4, metadata={"help": "beams in generate mode"})
@@ -186,11 +209,20 @@ class EvalArguments:
         "help": "also evaluate the plain base model (eval: default only when no adapter is given)"})
 
     def __post_init__(self) -> None:
-        if self.mode not in ("generate", "rank"):
-            raise ConfigError(f"eval mode must be 'generate' or 'rank', got {self.mode!r}")
+        bad = [m for m in self.modes if m not in EVAL_MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"eval mode must be {', '.join(EVAL_MODES)} (or a comma-separated list of them), "
+                              f"got {self.mode!r}")
+        if self.choice_format not in CHOICE_FORMATS:
+            raise ConfigError(f"eval choice_format must be {' or '.join(CHOICE_FORMATS)}, got {self.choice_format!r}")
         for name in ("batch_size", "num_beams", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def modes(self) -> list[str]:
+        """``mode`` as a list (``"choice,rank"`` -> ``["choice", "rank"]``); the first is the report's."""
+        return [m.strip() for m in str(self.mode).split(",") if m.strip()]
 
 
 @dataclass

@@ -48,7 +48,7 @@ from eval_harness.suites import AVERAGE_COLUMN, SUITES
 
 from .cards import add_evaluation_cards
 from .config import TRAIN_SECTIONS, KeyParser, _RaisingParser, load_config, read_yaml, section_class
-from .data.instructions import synthetic_test_dir
+from .data.instructions import synthetic_test_dir, validation_data_dir
 from .data.synthetic import SYNTHETIC_DATA
 from .ensemble import train_ensemble
 from .errors import AdapterError, ConfigError, OutputError
@@ -69,7 +69,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The pipeline command's keys: its own sections (the eval keys it uses), then every training key.
 PIPELINE_SECTIONS = (("pipeline", None),
                      ("merge", ("methods", "rank", "seed", "density", "majority_sign_method", "serve_rank")),
-                     ("eval", ("data_dir", "tasks", "mode", "limit", "batch_size", "num_beams", "include_base")))
+                     ("eval", ("data_dir", "tasks", "mode", "choice_format", "limit", "batch_size", "num_beams",
+                               "include_base")))
 # Keys of the flat pipeline YAMLs of earlier releases -> their key now.
 LEGACY_KEYS = {
     "merge_methods": "merge.methods", "merge_rank": "merge.rank", "merge_seed": "merge.seed",
@@ -210,6 +211,8 @@ class PipelineConfig:
             "eval_data_dir": e.data_dir, "eval_tasks": e.tasks, "eval_mode": e.mode, "eval_limit": e.limit,
             "eval_batch_size": e.batch_size, "eval_num_beams": e.num_beams, "include_base": e.include_base,
             "output_dir": p.output_dir,
+            # only when not the default, so results written before the key existed stay current
+            **({"eval_choice_format": e.choice_format} if "choice" in e.modes else {}),
         }
 
 
@@ -228,17 +231,20 @@ class PipelineReport:
     eval_summary: str  # the evaluation's summary.json
     seconds: dict[str, float]  # wall time per stage
     files: dict[str, str]  # report_md, report_png, results_csv
+    # The same rows in the other scorings: "<mode>" for each further eval mode, "<mode> acc_norm"
+    # for choice mode's length-normalised accuracy (absent in reports of earlier releases).
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "pipeline report") -> "PipelineReport":
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data]
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in data and f.default_factory is dataclasses.MISSING]
         if missing:
             raise OutputError(f"{where}: not a pipeline report (missing {', '.join(missing)})")
-        return cls(**{n: data[n] for n in names})
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PipelineReport":
@@ -253,11 +259,14 @@ class PipelineReport:
 
 
 def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
+    """eval.data_dir; else the validation split of the training data (validation_split); else the
+    synthetic suites' test sets (written on demand)."""
     if cfg.eval.data_dir:
         return Path(cfg.eval.data_dir)
-    test_dir = synthetic_test_dir(train_cfg.data)  # writes the synthetic suites if they are not there yet
+    test_dir = validation_data_dir(train_cfg.data) or synthetic_test_dir(train_cfg.data)
     if test_dir is None:
-        raise ConfigError("eval_data_dir is required when the training data are not the synthetic suites")
+        raise ConfigError("eval.data_dir is required when the training data are neither the synthetic suites "
+                          "nor split with validation_split")
     return test_dir
 
 
@@ -320,7 +329,7 @@ def eval_dtype(train_cfg: Any) -> str:
     return "bfloat16" if train_cfg.training.bf16 else train_cfg.model.dtype
 
 
-def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merges: dict[str, Path],
+def _eval_stage(cfg: PipelineConfig, mode: str, base_model: str, adapters: list[Path], merges: dict[str, Path],
                 data_dir: Path, out: Path, overwrite: bool, dtype: str = "auto") -> EvalResult:
     """Evaluate every model whose weights or evaluation settings changed, then collect all results.
 
@@ -329,11 +338,14 @@ def _eval_stage(cfg: PipelineConfig, base_model: str, adapters: list[Path], merg
     a second call that finds every pair finished builds the summary and tables.
     """
 
-    common = dict(data_dir=data_dir, output=out, tasks=cfg.eval.tasks, mode=cfg.eval.mode, limit=cfg.eval.limit,
-                  batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams, dtype=dtype)
-    shared = {"base_model": base_model, "dtype": dtype, "data_dir": str(data_dir), "tasks": cfg.eval.tasks, "mode": cfg.eval.mode,
-              "limit": cfg.eval.limit, "num_beams": cfg.eval.num_beams if cfg.eval.mode == "generate" else None,
+    common = dict(data_dir=data_dir, output=out, tasks=cfg.eval.tasks, mode=mode, limit=cfg.eval.limit,
+                  batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams, choice_format=cfg.eval.choice_format,
+                  dtype=dtype)
+    shared = {"base_model": base_model, "dtype": dtype, "data_dir": str(data_dir), "tasks": cfg.eval.tasks,
+              "mode": mode, "limit": cfg.eval.limit, "num_beams": cfg.eval.num_beams if mode == "generate" else None,
               "include_base": cfg.eval.include_base}
+    if mode == "choice":
+        shared["choice_format"] = cfg.eval.choice_format
     models = [(a, "adapter") for a in adapters] + [(m, "merged") for m in merges.values()]
     settings = {p: {**shared, "model": str(p), "model_stage": stage_hash(p)} for p, _ in models}
     stale = [(p, kind) for p, kind in models if overwrite or not is_current(out / p.name, settings[p])]
@@ -382,15 +394,18 @@ def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: EvalResult) -> str
     generate-mode scoring"."""
     train_cfg = cfg.train_config(out / "adapters")
     synthetic = train_cfg.data.data_path == SYNTHETIC_DATA and not cfg.eval.data_dir
+    split = train_cfg.data.validation_split
     model = evaluation.base_model
+    data = (f"validation split ({split:g} per suite) of {train_cfg.data.data_path}"
+            if split is not None and not cfg.eval.data_dir else f"data {evaluation.data_dir}")
     return ", ".join([
-        "synthetic suites" if synthetic else f"data {evaluation.data_dir}",
+        "synthetic suites" if synthetic else data,
         "tiny model" if model == TINY_MODEL_ID else f"model {model}",
-        f"{evaluation.mode}-mode scoring",
+        f"{evaluation.mode}-mode scoring" + (f" (also {', '.join(cfg.eval.modes[1:])})" if cfg.eval.modes[1:] else ""),
     ])
 
 
-def _chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: int | None) -> dict[str, float]:
+def chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: int | None) -> dict[str, float]:
     """Per suite, the accuracy in % of a uniform guess among each question's options (the
     labels the rank scorer chooses from), averaged over the evaluated questions."""
     chance = {}
@@ -400,19 +415,16 @@ def _chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: in
     return chance
 
 
-def _report(cfg: PipelineConfig, out: Path, evaluation: EvalResult, merges: dict[str, Path],
-            adapters: list[Path], timing: dict[str, float]) -> "PipelineReport":
-    """report.md / report.json / report.png from the evaluation's per-model accuracies."""
-
+def _rows(evaluation: EvalResult, merges: dict[str, Path], adapters: list[Path], norm: bool = False
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The paper's rows (Base model, LoRA (best), LoRA (ave.), merges) and one row per adapter,
+    in %, from one evaluation (``norm``: choice mode's acc_norm instead of the accuracy)."""
     suites = evaluation.tasks
     columns = [SUITES[s].column for s in suites] + [AVERAGE_COLUMN]
     by_path = {Path(m.adapter).resolve(): key for key, m in evaluation.models.items() if m.adapter}
-    acc = {key: accuracy_percentages({SUITES[s].column: m.suites[s].accuracy for s in suites}, m.average,
-                                     AVERAGE_COLUMN)
+    acc = {key: accuracy_percentages({SUITES[s].column: (m.suites[s].acc_norm if norm else m.suites[s].accuracy)
+                                      for s in suites}, m.average_norm if norm else m.average, AVERAGE_COLUMN)
            for key, m in evaluation.models.items()}
-    what = _what_was_run(cfg, out, evaluation)
-    chance = _chance_levels(evaluation.data_dir, suites, cfg.eval.limit)
-    chance_row = {**{SUITES[s].column: chance[s] for s in suites}, AVERAGE_COLUMN: sum(chance.values()) / len(suites)}
     # the paper's merge and its variants first, the baselines (soup, ties, dare_*) under them
     ordered = sorted(merges.items(), key=lambda kv: get_method(kv[0]).title != "PoC merge")
     merge_keys = {by_path[p.resolve()]: _label(meth, p) for meth, p in ordered}
@@ -421,7 +433,41 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: EvalResult, merges: dict
     base_rows = [{"Method": "Base model", **acc[k], "Model": k} for k in base]
     acc = {k: v for k, v in acc.items() if k in singles or k in merge_keys}
     rows = base_rows + comparison_rows(acc, columns, merge_keys, AVERAGE_COLUMN)
-    per_adapter = [{"Method": f"LoRA {k}", **acc[k], "Model": k} for k in sorted(singles)]
+    return rows, [{"Method": f"LoRA {k}", **acc[k], "Model": k} for k in sorted(singles)]
+
+
+def _other_tables(evaluations: dict[str, EvalResult], merges: dict[str, Path], adapters: list[Path]
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """The report's further tables: choice mode's acc_norm, and each further mode's accuracy."""
+    tables = {}
+    for k, (mode, evaluation) in enumerate(evaluations.items()):
+        if k:
+            tables[mode] = _rows(evaluation, merges, adapters)[0]
+        if mode == "choice":
+            tables[f"{mode} acc_norm"] = _rows(evaluation, merges, adapters, norm=True)[0]
+    return tables
+
+
+def _table_title(name: str) -> str:
+    """``"rank"`` -> "Scored in rank mode"; ``"choice acc_norm"`` -> "... choice mode, acc_norm ..."."""
+    mode, _, metric = name.partition(" ")
+    return f"Scored in {mode} mode" + (", acc_norm (lm-evaluation-harness's length-normalised accuracy)"
+                                       if metric else "")
+
+
+def _report(cfg: PipelineConfig, out: Path, evaluations: dict[str, EvalResult], merges: dict[str, Path],
+            adapters: list[Path], timing: dict[str, float]) -> "PipelineReport":
+    """report.md / report.json / report.png from the evaluations' per-model accuracies (the first
+    mode's table first; the other modes' and choice mode's acc_norm below it)."""
+
+    evaluation = next(iter(evaluations.values()))
+    suites = evaluation.tasks
+    columns = [SUITES[s].column for s in suites] + [AVERAGE_COLUMN]
+    what = _what_was_run(cfg, out, evaluation)
+    chance = chance_levels(evaluation.data_dir, suites, cfg.eval.limit)
+    chance_row = {**{SUITES[s].column: chance[s] for s in suites}, AVERAGE_COLUMN: sum(chance.values()) / len(suites)}
+    rows, per_adapter = _rows(evaluation, merges, adapters)
+    tables = _other_tables(evaluations, merges, adapters)
     spreads = {}
     for meth, p in merges.items():
         rep = json.loads((p / "merge_report.json").read_text())
@@ -437,6 +483,8 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: EvalResult, merges: dict
         "",
         markdown_table(table_cols, [*rows, {"Method": "Chance", **chance_row}]),
         "",
+        *[line for name, table in tables.items()
+          for line in (f"## {_table_title(name)}", "", markdown_table(table_cols, table), "")],
         "## Every adapter",
         "",
         markdown_table(table_cols, per_adapter),
@@ -463,6 +511,7 @@ def _report(cfg: PipelineConfig, out: Path, evaluation: EvalResult, merges: dict
         seconds=timing,
         files={"report_md": str(out / "report.md"), "report_png": str(png),
                "results_csv": evaluation.files["results_csv"]},
+        tables=tables,
     )
     write_json(out / "report.json", report.to_dict())
     return report
@@ -512,19 +561,26 @@ def run_pipeline(
 
     t = time.perf_counter()
     logger.info("stage 3/4: evaluating %d models", len(adapters) + len(merges))
-    evaluation = _eval_stage(cfg, train_cfg.model.model_name_or_path, adapters, merges, data_dir,
-                             out / "eval", overwrite, dtype=eval_dtype(train_cfg))
+    # The first mode's results go to eval/ (as with one mode), each further mode's to eval_<mode>/.
+    eval_dirs = {mode: out / ("eval" if k == 0 else f"eval_{mode}") for k, mode in enumerate(cfg.eval.modes)}
+    evaluations = {mode: _eval_stage(cfg, mode, train_cfg.model.model_name_or_path, adapters, merges, data_dir,
+                                     eval_dir, overwrite, dtype=eval_dtype(train_cfg))
+                   for mode, eval_dir in eval_dirs.items()}
+    evaluation = evaluations[cfg.eval.modes[0]]
     timing["evaluation"] = time.perf_counter() - t
 
     report_settings = {"config": cfg.to_dict(),
                        "models": {str(p): stage_hash(out / "eval" / p.name) for p in [*adapters, *merges.values()]},
                        "merges": {m: stage_hash(p) for m, p in merges.items()}}
+    for mode, eval_dir in list(eval_dirs.items())[1:]:
+        report_settings[f"models_{mode}"] = {str(p): stage_hash(eval_dir / p.name)
+                                             for p in [*adapters, *merges.values()]}
     report_settings["config"].pop("output_dir")
     if is_current(out, report_settings) and (out / "report.json").is_file() and not overwrite:
         logger.info("stage 4/4: report up to date (%s)", out / "report.md")
         return PipelineReport.load(out / "report.json")
     logger.info("stage 4/4: writing the report")
-    report = _report(cfg, out, evaluation, merges, adapters, timing)
+    report = _report(cfg, out, evaluations, merges, adapters, timing)
 
     add_evaluation_cards(evaluation, report.columns, report.table, {s: SUITES[s].column for s in SUITES})
     write_stage(out, "report", report_settings, files=["report.md", "report.png", "report.json"])
@@ -558,27 +614,45 @@ DEMO_MODELS: dict[str, tuple[Path, str, list[str]]] = {
                 ["--num_adapters", "2", "--eval.limit", "2", "--eval.tasks", "boolq,piqa", "--max_steps", "2",
                  "--save_steps", "2", "--logging_steps", "1", "--cutoff_len", "128"]),
 }
+# `demo --model smollm2 --data_dir PATH`: real records (an LLM-Adapters dataset/ directory).
+COMMONSENSE_DEMO = (REPO_ROOT / "configs" / "pipeline" / "smollm2_commonsense_cpu.yaml", "smollm2_commonsense",
+                    ["--num_adapters", "2", "--eval.limit", "2", "--max_steps", "2", "--save_steps", "2",
+                     "--logging_steps", "1", "--validation_split", "4"])
 
 
 def run_demo(output: str | os.PathLike = "results", quick: bool = False, overwrite: bool = False,
-             model: str = "tiny") -> dict[str, Any]:
+             model: str = "tiny", data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The README's first command: the tiny pipeline (M = 4) and MFNN Figure 1 (classification).
 
     Writes ``<output>/pipeline/`` (adapters, merges, eval, report.md/json/png) and
     ``<output>/mfnn/`` (figure1_classification.csv/png/json). ``quick`` shrinks both for CI.
     ``model="smollm2"`` runs ``configs/pipeline/smollm2_cpu.yaml`` (the real SmolLM2-135M-Instruct)
-    into ``<output>/smollm2/`` instead, without the MFNN experiment.
+    into ``<output>/smollm2/`` instead, without the MFNN experiment; with ``data_dir`` (an
+    LLM-Adapters ``dataset/`` directory) it runs ``configs/pipeline/smollm2_commonsense_cpu.yaml``
+    on those real records (trained on the training files minus a validation split, reported on
+    that split) into ``<output>/smollm2_commonsense/``.
     """
     if model not in DEMO_MODELS:
         raise ConfigError(f"unknown demo model {model!r}; valid: {', '.join(DEMO_MODELS)}")
     config, subdir, quick_overrides = DEMO_MODELS[model]
+    data_overrides: list[str] = []
+    if data_dir is not None:
+        if model != "smollm2":
+            raise ConfigError("demo --data_dir (real records) needs --model smollm2: the tiny model's word "
+                              "vocabulary only covers the synthetic suites")
+        if not Path(data_dir).is_dir():
+            raise ConfigError(f"demo --data_dir {data_dir} is not a directory; give an LLM-Adapters dataset/ "
+                              "directory (<suite>/train.json)")
+        config, subdir, quick_overrides = COMMONSENSE_DEMO
+        data_overrides = ["--data_path", str(Path(data_dir).resolve())]
     if not config.is_file():
         raise ConfigError(f"the demo needs {config}; run it from a source checkout (pip install -e .)")
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise OutputError(f"demo output {output} exists and is not a directory; give a directory (default results/)")
     t = time.perf_counter()
-    report = run_pipeline(config, output / subdir, quick_overrides if quick else (), overwrite=overwrite)
+    report = run_pipeline(config, output / subdir, [*data_overrides, *(quick_overrides if quick else ())],
+                          overwrite=overwrite)
     t_pipeline = time.perf_counter() - t
     if model != "tiny":
         return {"pipeline": report, "figure1": None, "seconds": {"pipeline": t_pipeline}}
@@ -589,9 +663,10 @@ def run_demo(output: str | os.PathLike = "results", quick: bool = False, overwri
 
 
 def main_demo(args: argparse.Namespace) -> int:
-    """``poc-lora demo [--output results] [--quick] [--overwrite]``."""
+    """``poc-lora demo [--output results] [--quick] [--overwrite] [--model tiny|smollm2] [--data_dir DIR]``."""
     model = getattr(args, "model", "tiny")
-    result = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, model=model)
+    result = run_demo(args.output, quick=args.quick, overwrite=args.overwrite, model=model,
+                      data_dir=getattr(args, "data_dir", None))
     if result["figure1"] is None:
         _print_report(result["pipeline"], f"{model} pipeline: single adapters vs. their PoC merge (accuracy %)")
         print(f"\nreport: {result['pipeline'].files['report_md']}")

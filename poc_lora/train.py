@@ -53,7 +53,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .adapters import SAFETENSORS_NAME, sha256_file
 from .cards import write_training_card
 from .config import CONFIG_FILE, TrainConfig, load_config
-from .data.instructions import build_datasets, data_collator, load_records, resolve_data_path
+from .data.instructions import build_datasets, data_collator, dataset_train_files, load_training_records, resolve_data_path
 from .data.templates import TEMPLATE_RECORD_FILE, get_template, template_record
 from .errors import ConfigError, OutputError
 from .models import load_model, load_tokenizer, quantization_config, resolve_model_path
@@ -115,7 +115,11 @@ def train_settings(cfg: TrainConfig, data_sha256: str | None = None) -> dict[str
 
 
 def data_sha256(data_file: str) -> str | None:
-    """SHA-256 of the training data file; None for a hub dataset id."""
+    """SHA-256 of the training data file (of an LLM-Adapters dataset directory: of its suites'
+    ``train.json`` hashes); None for a hub dataset id."""
+    if Path(data_file).is_dir():
+        files = dataset_train_files(data_file)
+        return hashlib.sha256(json.dumps({s: sha256_file(p) for s, p in files.items()}).encode()).hexdigest()
     return sha256_file(data_file) if Path(data_file).is_file() else None
 
 
@@ -186,8 +190,9 @@ class PreparedRun:
 
 
 def load_checked_records(cfg: TrainConfig) -> list[dict[str, str]]:
-    """The config's training records, read and validated (``data_path: synthetic`` written first)."""
-    return load_records(resolve_data_path(cfg.data), cfg.data.dataset_split)
+    """The config's training records, read and validated (``data_path: synthetic`` written first),
+    without the ``validation_split`` records, in the config's ``answer_style``."""
+    return load_training_records(cfg.data)
 
 
 def prepare_run(cfg: TrainConfig, records: list[dict[str, str]] | None = None) -> PreparedRun:

@@ -153,6 +153,43 @@ def test_rank_scores_equal_full_sequence_log_likelihood(base, tok):
     assert straddles == 1  # the prompt ending in a space: its last token merges into the answer
 
 
+def test_choice_scores_equal_a_direct_forward_on_real_bpe(base, tok):
+    """choice mode on LLM-Adapters-layout records (ARC's one-line options, BoolQ, WinoGrande's
+    partial scoring): each option's score = log p(continuation | context) from one full forward
+    of context + continuation, the continuation being the tokens after the context's own (as
+    lm-evaluation-harness splits them); batched = one at a time."""
+    from eval_harness.choice import choice_request
+    from eval_harness.data import from_hub_record
+    from eval_harness.scoring import continuation_logprobs
+
+    records = [
+        ("ARC-Easy", {"instruction": "Please choose the correct answer to the question: Which factor will most likely "
+                      "cause a person to develop a fever?\n\nAnswer1: a leg muscle relaxing after exercise Answer2: a "
+                      "bacterial population in the bloodstream Answer3: several viral particles on the skin\n\n"
+                      "Answer format: answer1/answer2/answer3", "answer": "answer2"}),
+        ("boolq", {"instruction": "Please answer the following question with true or false, question: do iran and "
+                   "afghanistan speak the same language?\n\nAnswer format: true/false", "answer": "true"}),
+        ("winogrande", from_hub_record("winogrande", {"sentence": "Ann gave Bo a book because _ was kind.",
+                                                      "option1": "Ann", "option2": "Bo", "answer": "1"})),
+        ("openbookqa", from_hub_record("openbookqa", {"question_stem": "The sun is responsible for",
+                                                      "choices": {"text": ["puppies learning tricks", "plants sprouting"],
+                                                                  "label": ["A", "B"]}, "answerKey": "B"})),
+    ]
+    requests = [choice_request(suite, rec) for suite, rec in records]
+    pairs = [q.pairs for q in requests]
+    batched = continuation_logprobs(base, tok, pairs, batch_size=4)
+    single = continuation_logprobs(base, tok, pairs, batch_size=1)
+    for q, got, got1 in zip(requests, batched, single):
+        for (context, continuation), value, value1 in zip(q.pairs, got, got1):
+            whole, ctx = tok(context + continuation)["input_ids"], tok(context)["input_ids"]
+            assert whole[: len(ctx)] == ctx  # the context's tokens survive in the whole sequence
+            with torch.no_grad():
+                logp = torch.log_softmax(base(input_ids=torch.tensor([whole])).logits[0].double(), -1)
+            expected = sum(logp[t - 1, whole[t]].item() for t in range(len(ctx), len(whole)))
+            assert value == pytest.approx(expected, abs=2e-3), (context, continuation)
+            assert value1 == pytest.approx(value, abs=2e-3)
+
+
 def test_generate_is_batch_invariant_with_pad_equal_to_eos(base, tok):
     from eval_harness.scoring import generate_responses
 

@@ -10,6 +10,12 @@ truncation at ``cutoff_len``; EOS is appended when it fits; with ``train_on_inpu
 prompt's tokens get label -100 so only the response is learned. Batches are padded only to the
 longest example (rounded up to ``pad_to_multiple_of``) by ``DataCollatorForSeq2Seq``.
 
+``data_path`` may also be an LLM-Adapters ``dataset/`` directory: :func:`read_dataset_dir` reads
+the ``<suite>/train.json`` of every suite present (checking each record against its suite: label
+word, option list), and :func:`load_training_records` carves the seeded ``validation_split``
+out of it (:mod:`poc_lora.data.validation`) and applies ``answer_style``
+(:mod:`poc_lora.data.choices`).
+
 ``data_path: synthetic`` (or ``synthetic-reasoning``, :mod:`poc_lora.data.reasoning`) is the offline default: :func:`resolve_data_path` writes the synthetic
 commonsense suites (:mod:`poc_lora.data.synthetic`) once, keyed by their options, under
 ``$POC_LORA_CACHE/synthetic-...`` and reads the training file from there (the test files for
@@ -23,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,10 +40,13 @@ import datasets
 from transformers import DataCollatorForSeq2Seq
 
 from ..cache import cache_dir
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from .choices import ANSWER_STYLES, parse_choices, record_answer, text_target
 from .reasoning import make_records as make_reasoning_records
+from .suites import SUITE_ORDER, SUITES, Suite
 from .synthetic import SYNTHETIC_KINDS, SYNTHETIC_REASONING_DATA, TRAIN_FILE, write_synthetic_commonsense
 from .templates import PromptTemplate
+from .validation import split_validation, validation_dir_for, write_validation_dir
 
 logger = logging.getLogger(__name__)
 
@@ -144,16 +154,154 @@ def load_records(data_path: str | os.PathLike, split: str = "train") -> list[dic
 
     A path ending in .json/.jsonl (or any existing file) is read as a file; anything else that is
     not an existing path is tried as a ``datasets`` hub id (needs the network or a local cache).
+    A directory is read as an LLM-Adapters ``dataset/`` directory (:func:`read_dataset_dir`:
+    every suite's ``train.json``, concatenated in the paper's suite order).
     """
     text = str(data_path)
     path = Path(text)
     if path.is_file():
         return validate_records(_read_json_file(path), str(path))
+    if path.is_dir():
+        return [r for records in read_dataset_dir(path).values() for r in records]
     if path.suffix in _FILE_SUFFIXES or path.exists():
-        if path.is_dir():
-            raise DataError(f"data_path {path} is a directory; give the training JSON/JSONL file itself")
         raise DataError(f"data file {path} not found")
     return validate_records(_read_hub_dataset(text, split), text)
+
+
+DATASET_TRAIN_FILE = "train.json"  # LLM-Adapters layout: dataset/<suite>/train.json
+
+
+def dataset_train_files(directory: str | os.PathLike) -> dict[str, Path]:
+    """``{suite: <directory>/<suite>/train.json}`` for the suites (paper order) whose training
+    file exists; a DataError naming the directory when there is none."""
+    directory = Path(directory)
+    found = {name: directory / name / DATASET_TRAIN_FILE for name in SUITE_ORDER
+             if (directory / name / DATASET_TRAIN_FILE).is_file()}
+    if not found:
+        raise DataError(f"data_path {directory} is a directory but holds no <suite>/{DATASET_TRAIN_FILE} "
+                        f"(an LLM-Adapters dataset/ directory; suites: {', '.join(SUITE_ORDER)})")
+    return found
+
+
+def check_suite_record(record: dict[str, str], suite: Suite, where: str) -> None:
+    """A training record of ``suite`` names one of its label words and, for a multiple-choice
+    suite, an option its instruction lists; DataError (prefixed by ``where``) otherwise."""
+    answer = record_answer(record, suite.search_labels)
+    if answer is None:
+        raise DataError(f"{where}: no label word of {suite.name} ({', '.join(suite.labels)}) in 'answer' or 'output'")
+    if answer not in suite.search_labels:
+        raise DataError(f"{where}: field 'answer' is {answer!r}, not a label of {suite.name} "
+                        f"({', '.join(suite.search_labels)})")
+    try:
+        parse_choices(record["instruction"], suite).option(answer)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+
+
+def read_dataset_dir(directory: str | os.PathLike) -> dict[str, list[dict[str, str]]]:
+    """Read and check the ``<suite>/train.json`` of every suite an LLM-Adapters ``dataset/``
+    directory holds: ``{suite: records}`` in the paper's suite order; logs the suites found,
+    their record counts and the suites absent.
+
+    Every record is checked (:func:`validate_records`, :func:`check_suite_record`) before any
+    model loads. Raises :class:`DataError` naming the file and record index: a missing or
+    non-string field, a label word outside the suite's set, an option list that cannot be
+    parsed, an empty file.
+
+    Example:
+        >>> {s: len(r) for s, r in read_dataset_dir("LLM-Adapters/dataset").items()}  # doctest: +SKIP
+        {'openbookqa': 4957, 'ARC-Challenge': 1119, 'ARC-Easy': 2251, 'boolq': 9427}
+    """
+    files = dataset_train_files(directory)
+    out = {}
+    for name, path in files.items():
+        records = validate_records(_read_json_file(path), str(path))
+        for i, rec in enumerate(records):
+            check_suite_record(rec, SUITES[name], f"data {path}, record {i}")
+        out[name] = records
+    absent = [s for s in SUITE_ORDER if s not in files]
+    logger.info("read %d training records from %s: %s%s", sum(map(len, out.values())), directory,
+                ", ".join(f"{s} {len(r)}" for s, r in out.items()),
+                f" (no {DATASET_TRAIN_FILE} for {', '.join(absent)})" if absent else "")
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def apply_answer_style(records: Sequence[dict[str, str]], style: str, source: str) -> list[dict[str, str]]:
+    """``records`` with their ``output`` written in ``answer_style`` ``style``.
+
+    ``label`` (the files as they are, the paper's): unchanged. ``text``: "the correct answer is
+    <option text>" for multiple-choice records (the option their label word names, parsed from
+    the instruction by :func:`~poc_lora.data.choices.parse_choices`); BoolQ-style records, whose
+    options are ``true``/``false``, keep "the correct answer is true|false". Inputs are not
+    modified. Raises :class:`DataError` naming ``source`` and the record index.
+    """
+    if style not in ANSWER_STYLES:
+        raise ConfigError(f"answer_style must be one of {', '.join(ANSWER_STYLES)}, got {style!r}")
+    if style == "label":
+        return list(records)
+    out = []
+    for i, rec in enumerate(records):
+        try:
+            choices = parse_choices(rec["instruction"])
+            answer = record_answer(rec, choices.labels)
+            if answer is None:
+                raise DataError(f"no label word ({', '.join(choices.labels)}) in 'answer' or 'output'")
+            out.append({**rec, "output": text_target(choices, answer)})
+        except DataError as exc:
+            raise DataError(f"answer_style text: data {source}, record {i}: {exc}") from None
+    return out
+
+
+def _split(data_args: Any, directory: Path) -> tuple[dict[str, list[dict[str, str]]], Path]:
+    """The training records of a dataset directory with the validation split held out, and the
+    (written on demand) validation directory."""
+    files = dataset_train_files(directory)
+    by_suite = read_dataset_dir(directory)
+    hashes = {s: _file_sha256(p) for s, p in files.items()}
+    sources = {s: str(p) for s, p in files.items()}
+    spec, seed = data_args.validation_split, data_args.val_split_seed
+    train, val, held = split_validation(by_suite, spec, seed, sources)
+    root = write_validation_dir(validation_dir_for(sources, hashes, spec, seed), val, held, sources, hashes, spec,
+                                seed)
+    return train, root
+
+
+def _split_source(data_args: Any) -> Path:
+    path = Path(resolve_data_path(data_args))
+    if not path.is_dir():
+        raise ConfigError(f"validation_split needs data_path to be an LLM-Adapters dataset/ directory "
+                          f"(<suite>/train.json: the split is drawn per suite); {path} is not one")
+    return path
+
+
+def load_training_records(data_args: Any) -> list[dict[str, str]]:
+    """The records training reads for ``data_args`` (a :class:`~poc_lora.config.DataArguments`):
+    ``data_path`` resolved and read (file, hub id or dataset directory), the ``validation_split``
+    held out (dataset directories only; the validation directory is written on demand, see
+    :func:`validation_data_dir`), then ``answer_style`` applied.
+
+    Example:
+        >>> load_training_records(DataArguments(data_path="dataset", validation_split=100))  # doctest: +SKIP
+    """
+    if getattr(data_args, "validation_split", None) is None:
+        records = load_records(resolve_data_path(data_args), data_args.dataset_split)
+    else:
+        train, root = _split(data_args, _split_source(data_args))
+        records = [r for rs in train.values() for r in rs]
+        logger.info("training on %d records; validation split in %s", len(records), root)
+    return apply_answer_style(records, getattr(data_args, "answer_style", "label"), str(data_args.data_path))
+
+
+def validation_data_dir(data_args: Any) -> Path | None:
+    """The directory of ``<suite>/test.json`` holding ``data_args``'s validation split (written on
+    demand under ``$POC_LORA_CACHE``), or None when ``validation_split`` is not set."""
+    if getattr(data_args, "validation_split", None) is None:
+        return None
+    return _split(data_args, _split_source(data_args))[1]
 
 
 def tokenize_examples(
@@ -261,6 +409,8 @@ def data_collator(tokenizer: Any, pad_to_multiple_of: int | None = 8) -> Any:
 
 
 __all__ = [
-    "IGNORE_INDEX", "build_datasets", "check_supervised", "data_collator", "load_records", "resolve_data_path",
-    "synthetic_data_dir", "synthetic_test_dir", "tokenize_examples", "validate_records",
+    "DATASET_TRAIN_FILE", "IGNORE_INDEX", "apply_answer_style", "build_datasets", "check_suite_record",
+    "check_supervised", "data_collator", "dataset_train_files", "load_records", "load_training_records",
+    "read_dataset_dir", "resolve_data_path", "synthetic_data_dir", "synthetic_test_dir", "tokenize_examples",
+    "validate_records", "validation_data_dir",
 ]
