@@ -15,6 +15,10 @@ depend on the batch size (tested against batch size 1 in fp32).
 is run once per example and its KV cache is gathered into one row per candidate, so only the
 few completion tokens are computed per candidate. No generation.
 
+*Many models* (rank and choice): given a :class:`~eval_harness.multimodel.MultiModel` of K
+models, the same shared-context scorer runs the layers below the first adapted layer once per
+batch and the layers above it on K copies, and returns one result list per model.
+
 *Prompts longer than the model's context* (``max_position_embeddings`` of its config), in both
 modes the same way: the prompt is left-truncated so that prompt + completion fit in the context,
 i.e. to ``context - max_new_tokens`` tokens (generate) or ``context - len(completion tokens)``
