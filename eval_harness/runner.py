@@ -1,6 +1,9 @@
 """Evaluate a base model, its adapters and their merges on the commonsense suites.
 
-The base model is loaded once. Each adapter (and each merged adapter) is then attached with
+The base model is loaded once. In rank and choice modes the models (base, adapters, merged
+adapters) are scored together, one suite at a time, on one copy of the base
+(:mod:`eval_harness.multimodel`; memory: one base plus every model's LoRA factors). Otherwise
+(generate mode, ``batch_models=False``, or models it refuses) each adapter is attached with
 PEFT, evaluated on every suite, and dropped again before the next one is attached, so memory
 stays at one base model plus one adapter. A merged *full* model is just another base model.
 
@@ -55,6 +58,7 @@ from poc_lora.report import accuracy_percentages, comparison_rows, markdown_tabl
 from .choice import choice_predictions, choice_request
 from .data import AVAILABLE, available_suites, load_suite, suite_file
 from .metrics import load_metric
+from .multimodel import MultiModel, Unsupported, build_multi_model
 from .results import EvalResult, ModelResult, SuiteResult
 from .scoring import (CANDIDATE_FORMAT, candidate_labels, continuation_logprobs, extract_answer, generate_responses,
                       rank_prediction, rank_scores)
@@ -155,6 +159,9 @@ class _ModelHolder:
         self.tokenizer: Any = None
         self.active: str | None = None
         self.load_seconds = 0.0
+        self._multi: MultiModel | None = None
+        self._multi_keys: tuple[str, ...] = ()
+        self.refused: str | None = None  # why models cannot be evaluated together (then never retried)
 
     def _load_base(self) -> None:
         start = time.perf_counter()
@@ -165,9 +172,40 @@ class _ModelHolder:
         self.tokenizer = load_tokenizer(self.base_model, padding_side="left")
         self.load_seconds += time.perf_counter() - start
 
+    def multi(self, specs: Sequence[ModelSpec]) -> MultiModel | None:
+        """The base with the LoRAs of ``specs`` as one :class:`MultiModel` (reused while the same
+        models are asked for), or None, logged once, when they cannot be evaluated together."""
+        if self.model is None:
+            self._load_base()
+        keys = tuple(spec.key for spec in specs)
+        if self._multi is not None and self._multi_keys == keys:
+            return self._multi
+        self.release_multi()
+        if self.refused is None and self.active is not None:
+            self.refused = "an adapter is attached with PEFT"
+        if self.refused is not None:
+            return None
+        start = time.perf_counter()
+        try:
+            self._multi = build_multi_model(self.model, [spec.adapter for spec in specs])
+        except Unsupported as exc:
+            self.refused = str(exc)
+            logger.info("models are evaluated one at a time: %s", exc)
+            return None
+        self._multi_keys = keys
+        self.load_seconds += time.perf_counter() - start
+        return self._multi
+
+    def release_multi(self) -> None:
+        """Give the base model its own layers back (before PEFT attaches an adapter to it)."""
+        if self._multi is not None:
+            self.model = self._multi.restore()
+            self._multi, self._multi_keys = None, ()
+
     def get(self, spec: ModelSpec, index: int) -> Any:
         if self.model is None:
             self._load_base()
+        self.release_multi()
         name = f"a{index}"
         if self.active == name:
             return self.model
@@ -243,43 +281,84 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _score_suite(model: Any, tokenizer: Any, spec: ModelSpec, suite: Suite, records: list[dict[str, str]],
-                 opts: dict[str, Any]) -> list[dict[str, Any]]:
+def _score_suite(model: Any, tokenizer: Any, specs: Sequence[ModelSpec], suite: Suite,
+                 records: list[dict[str, str]], opts: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """Prediction rows of ``suite`` for each of ``specs`` (in order): one model, or a
+    :class:`~eval_harness.multimodel.MultiModel` of ``len(specs)`` models whose prompts are the same
+    (:func:`_prompt_group`), each prompt read once for all of them."""
+    spec = specs[0]
     prompts = [spec.template.eval_prompt(r) for r in records]
     truncated: list[int] = []  # prompts left-truncated to fit the model's context (scoring's one rule)
-    with tqdm(total=len(records), desc=f"{spec.key}/{suite.name}", unit="ex", leave=False) as bar:
+    many = len(specs) > 1
+    desc = f"{spec.key if not many else f'{len(specs)} models'}/{suite.name}"
+    with tqdm(total=len(records), desc=desc, unit="ex", leave=False) as bar:
         if opts["mode"] == "generate":
             texts = generate_responses(
                 model, tokenizer, prompts, batch_size=opts["batch_size"], num_beams=opts["num_beams"],
                 max_new_tokens=opts["max_new_tokens"], response_split=spec.template.response_split,
                 progress=bar.update, truncated=truncated,
             )
-            outputs = [{"generated": t, "prediction": extract_answer(suite, t)} for t in texts]
+            outputs = [[{"generated": t, "prediction": extract_answer(suite, t)} for t in texts]]
         elif opts["mode"] == "choice":
             requests = [choice_request(suite, r, spec.template, opts["choice_format"]) for r in records]
             logprobs = continuation_logprobs(model, tokenizer, [q.pairs for q in requests],
                                              batch_size=opts["batch_size"], progress=bar.update, truncated=truncated)
             outputs = []
-            for q, lps in zip(requests, logprobs):
-                pred, pred_norm = choice_predictions(q, lps)
-                outputs.append({"scores": dict(zip(q.labels, lps)), "lengths": dict(zip(q.labels, q.lengths)),
-                                "prediction": pred, "prediction_norm": pred_norm})
+            for per_model in (logprobs if many else [logprobs]):
+                outputs.append([])
+                for q, lps in zip(requests, per_model):
+                    pred, pred_norm = choice_predictions(q, lps)
+                    outputs[-1].append({"scores": dict(zip(q.labels, lps)), "lengths": dict(zip(q.labels, q.lengths)),
+                                        "prediction": pred, "prediction_norm": pred_norm})
             prompts = [q.pairs[0][0] for q in requests]
         else:
             cands = [candidate_labels(suite, r["instruction"]) for r in records]
             scores = rank_scores(model, tokenizer, prompts, cands, batch_size=opts["batch_size"], progress=bar.update,
                                  truncated=truncated)
-            outputs = [{"scores": s, "prediction": rank_prediction(s)} for s in scores]
+            outputs = [[{"scores": s, "prediction": rank_prediction(s)} for s in per_model]
+                       for per_model in (scores if many else [scores])]
     cut = set(truncated)
-    rows = [
-        {"index": i, "prompt_sha256": _sha(p), **o, "label": r["answer"], "correct": o["prediction"] == r["answer"],
-         "prompt_truncated": i in cut}
-        for i, (p, r, o) in enumerate(zip(prompts, records, outputs))
-    ]
-    for row in rows:
-        if "prediction_norm" in row:
-            row["correct_norm"] = row["prediction_norm"] == row["label"]
-    return rows
+    result = []
+    for per_model in outputs:
+        rows = [
+            {"index": i, "prompt_sha256": _sha(p), **o, "label": r["answer"], "correct": o["prediction"] == r["answer"],
+             "prompt_truncated": i in cut}
+            for i, (p, r, o) in enumerate(zip(prompts, records, per_model))
+        ]
+        for row in rows:
+            if "prediction_norm" in row:
+                row["correct_norm"] = row["prediction_norm"] == row["label"]
+        result.append(rows)
+    return result
+
+
+def _prompt_group(spec: ModelSpec, opts: dict[str, Any]) -> str:
+    """Models with the same key here read the same prompts (rank mode and choice mode's
+    ``template`` format use the model's template; lm-eval's choice prompts do not)."""
+    if opts["mode"] == "choice" and opts["choice_format"] != "template":
+        return ""
+    return template_hash(spec.template)
+
+
+def _run_pairs(model: Any, holder: "_ModelHolder", specs: Sequence[ModelSpec], suite: Suite,
+               records: list[dict[str, str]], output: Path, settings: dict[str, dict[str, Any]],
+               opts: dict[str, Any], warned: set[str]) -> dict[str, SuiteResult]:
+    """Score ``suite`` for ``specs`` on ``model`` (one model, or a MultiModel of them) and write each
+    (model, suite) pair; the suite's wall time is split evenly over the models scored together."""
+    t0 = time.perf_counter()
+    per_spec = _score_suite(model, holder.tokenizer, specs, suite, records, opts)
+    seconds = (time.perf_counter() - t0) / len(specs)
+    out: dict[str, SuiteResult] = {}
+    for spec, rows in zip(specs, per_spec):
+        summary = _write_pair(output / spec.key / suite.name, spec, suite, rows, settings[spec.key], seconds)
+        if summary.truncated_prompts and suite.name not in warned:
+            warned.add(suite.name)
+            logger.warning("%s: %d of %d prompts are longer than the model's context minus the completion; they "
+                           "were left-truncated (truncated_prompts in the suite summaries)", suite.name,
+                           summary.truncated_prompts, len(rows))
+        logger.info("%s/%s: accuracy %.4f", spec.key, suite.name, summary.accuracy)
+        out[spec.key] = summary
+    return out
 
 
 def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[str, Any]],
@@ -343,6 +422,7 @@ def evaluate(
     dtype: str = "auto",
     load_in_4bit: bool = False,
     overwrite: bool = False,
+    batch_models: bool = DEFAULTS.batch_models,
 ) -> EvalResult:
     """Evaluate ``base_model`` alone and/or with each adapter and merged adapter; write the results.
 
@@ -365,6 +445,13 @@ def evaluate(
         template: prompt template for adapters that record none (default ``llm-adapters``).
         include_base: also evaluate the plain base; default: only when no adapter is given.
         overwrite: recompute finished suite/model pairs.
+        batch_models: rank and choice modes: score the models whose pair is not finished
+            together, one suite at a time (:mod:`eval_harness.multimodel`: each prompt read
+            once, the layers below the first adapted layer shared, the models above it
+            batched; results equal to one-by-one evaluation). Refused cases (DoRA, quantized
+            bases, ...; logged) and generate mode evaluate one model at a time. Each pair's
+            ``seconds`` is then the suite's wall time divided by the number of models scored
+            together.
 
     Returns:
         An :class:`~eval_harness.results.EvalResult` (``to_dict()`` is what ``summary.json``
@@ -406,26 +493,39 @@ def evaluate(
     holder = _ModelHolder(base_model, dtype, load_in_4bit)
     models: dict[str, ModelResult] = {}
     warned: set[str] = set()  # suites whose over-long prompts were already reported
+    settings = {s.name: {spec.key: _settings(spec, s, data_dir, base_model, opts) for spec in specs} for s in suites}
+    done: dict[tuple[str, str], SuiteResult] = {}  # (model, suite) pairs scored together with other models
+    if batch_models and mode != "generate" and len(specs) > 1:
+        for suite in suites:
+            todo = [spec for spec in specs
+                    if not _finished(output / spec.key / suite.name / "summary.json", settings[suite.name][spec.key],
+                                     overwrite)]
+            groups: dict[str, list[ModelSpec]] = {}
+            for spec in todo:
+                groups.setdefault(_prompt_group(spec, opts), []).append(spec)
+            for group in (g for g in groups.values() if len(g) > 1):
+                multi = holder.multi(group)
+                if multi is None:
+                    break  # refused (logged): every model is evaluated one at a time below
+                results = _run_pairs(multi, holder, group, suite, data[suite.name], output, settings[suite.name],
+                                     opts, warned)
+                done.update({(key, suite.name): r for key, r in results.items()})
+        holder.release_multi()
     for index, spec in enumerate(specs):
         summaries: dict[str, SuiteResult] = {}
         for suite in suites:
             pair_dir = output / spec.key / suite.name
-            settings = _settings(spec, suite, data_dir, base_model, opts)
-            if _finished(pair_dir / "summary.json", settings, overwrite):
+            if (spec.key, suite.name) in done:
+                summaries[suite.name] = done[spec.key, suite.name]
+                continue
+            if _finished(pair_dir / "summary.json", settings[suite.name][spec.key], overwrite):
                 logger.info("skipping %s/%s: already evaluated", spec.key, suite.name)
                 summaries[suite.name] = SuiteResult.from_dict(json.loads((pair_dir / "summary.json").read_text()),
                                                               str(pair_dir / "summary.json"))
                 continue
             model = holder.get(spec, index)
-            t0 = time.perf_counter()
-            rows = _score_suite(model, holder.tokenizer, spec, suite, data[suite.name], opts)
-            summaries[suite.name] = _write_pair(pair_dir, spec, suite, rows, settings, time.perf_counter() - t0)
-            if summaries[suite.name].truncated_prompts and suite.name not in warned:
-                warned.add(suite.name)
-                logger.warning("%s: %d of %d prompts are longer than the model's context minus the completion; they "
-                               "were left-truncated (truncated_prompts in the suite summaries)", suite.name,
-                               summaries[suite.name].truncated_prompts, len(rows))
-            logger.info("%s/%s: accuracy %.4f", spec.key, suite.name, summaries[suite.name].accuracy)
+            summaries[suite.name] = _run_pairs(model, holder, [spec], suite, data[suite.name], output,
+                                               settings[suite.name], opts, warned)[spec.key]
         models[spec.key] = ModelResult(
             kind=spec.kind,
             adapter=str(spec.adapter) if spec.adapter else None,
@@ -473,6 +573,7 @@ def main_eval(args: argparse.Namespace) -> int:
         dtype=getattr(args, "dtype", "auto"),
         load_in_4bit=args.load_in_4bit,
         overwrite=args.overwrite,
+        batch_models=getattr(args, "batch_models", DEFAULTS.batch_models),
     )
     print(markdown_table(["Method", "Model", *TABLE_COLUMNS], result.table))
     print(f"\nresults: {result.files['results_md']}, {result.files['summary']}")

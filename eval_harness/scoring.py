@@ -15,6 +15,10 @@ depend on the batch size (tested against batch size 1 in fp32).
 is run once per example and its KV cache is gathered into one row per candidate, so only the
 few completion tokens are computed per candidate. No generation.
 
+*Many models* (rank and choice): given a :class:`~eval_harness.multimodel.MultiModel` of K
+models, the same shared-context scorer runs the layers below the first adapted layer once per
+batch and the layers above it on K copies, and returns one result list per model.
+
 *Prompts longer than the model's context* (``max_position_embeddings`` of its config), in both
 modes the same way: the prompt is left-truncated so that prompt + completion fit in the context,
 i.e. to ``context - max_new_tokens`` tokens (generate) or ``context - len(completion tokens)``
@@ -33,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -47,6 +52,8 @@ from transformers import GenerationConfig
 from poc_lora.config import EvalArguments
 from poc_lora.data.suites import Suite, get_suite
 from poc_lora.errors import ConfigError
+
+from .multimodel import MultiModel
 
 logger = logging.getLogger(__name__)
 DEFAULTS = EvalArguments()  # the one source of the evaluation defaults (poc_lora.config)
@@ -285,47 +292,69 @@ def _split_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], score_from_sh
     return _Split(full[0][:shared], [f[shared:] for f in full], skip)
 
 
+def _gather_cache(cache: Any, row_index: Any, multi: MultiModel | None, rows: int) -> None:
+    """Keep, in order, the KV-cache rows ``row_index`` (one per candidate) of a context batch of
+    ``rows`` rows. With a :class:`MultiModel`, the layers from its first adapted layer on hold
+    ``num_models * rows`` rows (model k's at ``[k * rows, (k + 1) * rows)``): there, model k's
+    copy of each gathered row goes to block k (the layout of the continuation pass)."""
+    if multi is None:
+        cache.reorder_cache(row_index)
+        return
+    tiled = torch.cat([row_index + k * rows for k in range(multi.num_models)])
+    for i, layer in enumerate(cache.layers):
+        layer.reorder_cache(row_index if i < multi.first_layer else tiled)
+
+
 def _score_splits(model: Any, tokenizer: Any, split: Sequence[_Split], batch_size: int,
-                  progress: Callable[[int], Any] | None, truncated: list[int] | None = None) -> list[list[float]]:
-    """Summed log-probabilities of each candidate's scored tokens (see :class:`_Split`).
+                  progress: Callable[[int], Any] | None, truncated: list[int] | None = None) -> list[list[list[float]]]:
+    """Summed log-probabilities of each candidate's scored tokens (see :class:`_Split`), per model:
+    ``[model][example][candidate]`` (one model unless ``model`` is a :class:`MultiModel`).
 
     ``batch_size`` examples' shared contexts run together (left-padded, positions as without
     padding); their KV cache is then gathered into one row per candidate and every candidate's
     remaining tokens run in one batch, so the context is computed once per example. A shared
     context that does not fit in the model's context with its longest candidate is
     left-truncated (module docstring); its index goes to ``truncated`` (or one warning).
+    With a :class:`MultiModel` of K models, both passes run the layers below the first adapted
+    layer on their rows once and the layers above on K copies (one per model).
     """
-    context = context_length(model)
+    multi = model if isinstance(model, MultiModel) else None
+    net = multi.model if multi else model
+    n_models = multi.num_models if multi else 1
+    context = context_length(net)
     fitted = [dataclasses.replace(s, shared=fit_context(s.shared, context, max(map(len, s.rest)), tokenizer.bos_token_id))
               for s in split]
     _report_truncated([i for i, (a, b) in enumerate(zip(split, fitted)) if len(a.shared) != len(b.shared)],
                       len(split), context, truncated)
     split = fitted
     pad = tokenizer.pad_token_id
-    device = _model_device(model)
-    cache_arg, keep_arg = _forward_kwargs(model)
+    device = _model_device(net)
+    cache_arg, keep_arg = _forward_kwargs(net)
     # Only the context's last position is needed: skipping the other logits saves batch x length
     # x vocabulary floats (GBs for a 128k vocabulary).
     last_only = {keep_arg: 1} if keep_arg else {}
-    scores: list[list[float]] = [[] for _ in split]
+    scores: list[list[list[float]]] = [[[] for _ in split] for _ in range(n_models)]
     for batch in _batches(_length_order([len(s.shared) for s in split]), batch_size):
         ids, mask = _left_padded([split[i].shared for i in batch], pad, device)
         with torch.inference_mode():
-            out = model(
-                input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=True, **last_only
-            )
-            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's 1st token
+            with multi.share(len(batch)) if multi else contextlib.nullcontext():
+                out = net(
+                    input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=True, **last_only
+                )
+            # (K * b, vocabulary): predicts each continuation's 1st token, model k's rows in block k
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(n_models, len(batch), -1)
             rows = [(b, k) for b, i in enumerate(batch) for k in range(len(split[i].rest))]
             conts = [split[batch[b]].rest[k] for b, k in rows]
             skips = [split[batch[b]].skip[k] for b, k in rows]
             row_index = torch.tensor([b for b, _ in rows], device=device)
             scored_first = torch.tensor([float(s == 0) for s in skips], device=device)
-            total = first[row_index, torch.tensor([c[0] for c in conts], device=device)] * scored_first
+            first_tokens = torch.tensor([c[0] for c in conts], device=device)
+            total = first[:, row_index, first_tokens] * scored_first  # (K, rows)
             rest = max(len(c) for c in conts) - 1
             if rest > 0:
                 # Feed tokens 1..n-1 of each continuation (right-padded) on the gathered cache.
                 cache = out[cache_arg]
-                cache.reorder_cache(row_index)
+                _gather_cache(cache, row_index, multi, len(batch))
                 feed = torch.tensor([c[:-1] + [pad] * (rest + 1 - len(c)) for c in conts], device=device)
                 target = torch.tensor([c[1:] + [pad] * (rest + 1 - len(c)) for c in conts], device=device)
                 # target t is token t+1 of the continuation: scored when it lies past the context
@@ -335,16 +364,24 @@ def _score_splits(model: Any, tokenizer: Any, split: Sequence[_Split], batch_siz
                 row_mask = torch.cat([mask[row_index], torch.ones_like(fed)], dim=1)
                 ctx_len = mask[row_index].sum(-1, keepdim=True)
                 pos = ctx_len + torch.arange(rest, device=device)
-                logits = model(
-                    input_ids=feed, attention_mask=row_mask, position_ids=pos, use_cache=False, **{cache_arg: cache}
-                ).logits
-                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                with multi.share(len(rows)) if multi else contextlib.nullcontext():
+                    logits = net(
+                        input_ids=feed, attention_mask=row_mask, position_ids=pos, use_cache=False, **{cache_arg: cache}
+                    ).logits
+                logp = torch.log_softmax(logits.float(), dim=-1).view(n_models, len(rows), rest, -1)
+                logp = logp.gather(-1, target.expand(n_models, -1, -1).unsqueeze(-1)).squeeze(-1)
                 total = total + (logp * valid).sum(-1)
-        for (b, _), value in zip(rows, total.tolist()):
-            scores[batch[b]].append(value)
+        for per_model, values in zip(scores, total.tolist()):
+            for (b, _), value in zip(rows, values):
+                per_model[batch[b]].append(value)
         if progress:
             progress(len(batch))
     return scores
+
+
+def _one_or_many(model: Any, scores: list[list[Any]]) -> Any:
+    # A MultiModel gets one result list per model; a plain model its one list.
+    return scores if isinstance(model, MultiModel) else scores[0]
 
 
 def rank_scores(
@@ -365,6 +402,8 @@ def rank_scores(
     gathered into one row per (prompt, candidate) and all continuations run in one batch.
     A prompt whose tokens and longest candidate exceed the model's context is left-truncated
     (module docstring); its index is appended to ``truncated`` when that list is given.
+    ``model`` may be a :class:`~eval_harness.multimodel.MultiModel` of K models: the result is
+    then K such lists, in its models' order (each prompt read once for all of them).
 
     Example:
         >>> rank_scores(model, tok, [prompt], [("true", "false")])  # doctest: +SKIP
@@ -373,7 +412,8 @@ def rank_scores(
     split = [_split_pairs(tokenizer, [(p, completion_format.format(label=c)) for c in cands], score_from_shared=True)
              for p, cands in zip(prompts, candidates)]
     scores = _score_splits(model, tokenizer, split, batch_size, progress, truncated)
-    return [dict(zip(cands, values)) for cands, values in zip(candidates, scores)]
+    return _one_or_many(model, [[dict(zip(cands, values)) for cands, values in zip(candidates, per_model)]
+                                for per_model in scores])
 
 
 def continuation_logprobs(
@@ -395,7 +435,8 @@ def continuation_logprobs(
     costs one context pass plus one short pass over its options. ``batch_size`` examples run
     together; the scores do not depend on it. A shared context longer than the model's context
     minus the longest option is left-truncated as in :func:`rank_scores` (indices appended to
-    ``truncated`` when given).
+    ``truncated`` when given). With a :class:`~eval_harness.multimodel.MultiModel` of K models
+    the result is K such lists, as in :func:`rank_scores`.
 
     Example:
         >>> continuation_logprobs(model, tok, [[("Question: 2+2?\nAnswer:", " 4"),
@@ -403,7 +444,7 @@ def continuation_logprobs(
         [[-1.2, -3.4]]
     """
     split = [_split_pairs(tokenizer, pairs, score_from_shared=False) for pairs in requests]
-    return _score_splits(model, tokenizer, split, batch_size, progress, truncated)
+    return _one_or_many(model, _score_splits(model, tokenizer, split, batch_size, progress, truncated))
 
 
 def rank_prediction(scores: dict[str, float]) -> str:

@@ -207,6 +207,10 @@ class EvalArguments:
         "help": "prompt template for adapters that record none (default: llm-adapters)"})
     include_base: bool = field(default=False, metadata={
         "help": "also evaluate the plain base model (eval: default only when no adapter is given)"})
+    batch_models: bool = field(default=True, metadata={
+        "help": "rank/choice modes: score all models together, one suite at a time (each prompt read once, the "
+                "layers below the first adapted layer shared, results equal to one by one); false: one model "
+                "at a time (generate mode always is)"})
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in EVAL_MODES]

@@ -70,7 +70,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_SECTIONS = (("pipeline", None),
                      ("merge", ("methods", "rank", "seed", "density", "majority_sign_method", "serve_rank")),
                      ("eval", ("data_dir", "tasks", "mode", "choice_format", "limit", "batch_size", "num_beams",
-                               "include_base")))
+                               "include_base", "batch_models")))
 # Keys of the flat pipeline YAMLs of earlier releases -> their key now.
 LEGACY_KEYS = {
     "merge_methods": "merge.methods", "merge_rank": "merge.rank", "merge_seed": "merge.seed",
@@ -340,7 +340,7 @@ def _eval_stage(cfg: PipelineConfig, mode: str, base_model: str, adapters: list[
 
     common = dict(data_dir=data_dir, output=out, tasks=cfg.eval.tasks, mode=mode, limit=cfg.eval.limit,
                   batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams, choice_format=cfg.eval.choice_format,
-                  dtype=dtype)
+                  dtype=dtype, batch_models=cfg.eval.batch_models)
     shared = {"base_model": base_model, "dtype": dtype, "data_dir": str(data_dir), "tasks": cfg.eval.tasks,
               "mode": mode, "limit": cfg.eval.limit, "num_beams": cfg.eval.num_beams if mode == "generate" else None,
               "include_base": cfg.eval.include_base}
