@@ -5,12 +5,12 @@ Runs ``poc-lora pipeline`` twice in fresh processes on the same recipe (M adapte
 examples per member, evaluation of base + M adapters + every merge on the same records):
 
 * old: ``poc-lora --threads 1 pipeline ... --strategy sequential --data_order per_member
-  --bf16 false`` (members one after another in fp32 on one thread, the LM head over every
-  position);
+  --bf16 false --batch_models false`` (members one after another in fp32 on one thread, the LM
+  head over every position, the models evaluated one by one);
 * new: ``poc-lora pipeline ... --strategy batched --data_order shared`` (all members in one
   pass over one base, the frozen trunk once per micro-batch, bf16 where the CPU has it, all
-  cores, logits only at supervised positions). Both evaluate the models one by one (rank mode
-  shares each prompt's KV cache across its answer candidates).
+  cores, logits only at supervised positions, the adapters and merges evaluated in one pass that
+  shares the layers below the first adapted one).
 
 Prints and writes (``--output``: ``bench_ensemble.json`` / ``.md``) wall time and peak RSS of
 each run and their ratio, the per-part ratios (training per member-step, evaluation per model,
@@ -40,7 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"tiny": ROOT / "configs" / "pipeline" / "tiny_cpu.yaml",
            "smollm2": ROOT / "configs" / "pipeline" / "smollm2_cpu.yaml"}
-OLD = ["--threads", "1"], ["--strategy", "sequential", "--data_order", "per_member", "--bf16", "false"]
+OLD = ["--threads", "1"], ["--strategy", "sequential", "--data_order", "per_member", "--bf16", "false",
+                           "--batch_models", "false"]
 NEW = [], ["--strategy", "batched", "--data_order", "shared"]
 
 
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, (g, k) in (("old", OLD), ("new", NEW))}
     old, new = runs["old"], runs["new"]
     report = json.loads((out / "new" / "report.json").read_text())
-    m = len(report.get("adapters", [])) or 4
-    n_models = 1 + m + len(report.get("merges", {}) or {})
+    m = len(report["adapters"])
+    n_models = len(json.loads((out / "new" / "eval" / "summary.json").read_text())["models"])
     threads = len(os.sched_getaffinity(0))
     gflop = step_gflop(config, common, m)
     step_s = new["seconds"]["training"] / args.steps
