@@ -12,8 +12,8 @@ choice; choice also reports acc_norm) on a *validation* set, never on a test fil
 
 Refused: a ``data_path`` that is a test file (named ``test.json``), a hub split named ``test``,
 real data without ``validation_split``, and a validation seed equal to the synthetic test seed.
-Writes ``learning_curve.md`` and ``learning_curve.json`` (accuracy % per suite and the average,
-per step) into ``--output``.
+Writes ``learning_curve.md``, ``learning_curve.json`` (accuracy % per suite and the average,
+per step) and ``learning_curve.png`` (the curves) into ``--output``.
 
 This is how the settings of ``configs/train/smollm2_cpu.yaml`` were chosen (docs/training.md,
 "Choosing the settings").
@@ -40,7 +40,7 @@ from poc_lora.data.instructions import SYNTHETIC_KINDS, resolve_data_path, synth
 from poc_lora.pipeline import chance_levels
 from poc_lora.errors import ConfigError, PocLoraError
 from poc_lora.outputs import atomic_write_text, write_json
-from poc_lora.report import markdown_table
+from poc_lora.report import markdown_table, plot_lines
 from poc_lora.runtime import configure_threads
 from poc_lora.train import train_adapter
 
@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "learning_curve.json", {"config": args.config, "overrides": overrides, "mode": args.mode,
                                              "validation_dir": str(val_dir), "validation": what,
                                              "val_seed": args.val_seed, "chance": chance, "rows": rows})
+    curve_columns = [*names, "Ave.", *(["acc_norm Ave."] if args.mode == "choice" else [])]
+    plot_lines({f"{cfg.model.model_name_or_path}, {args.mode} mode": {
+                    c: ([r["examples"] for r in rows], [r[c] for r in rows]) for c in curve_columns}},
+               out / "learning_curve.png", xlabel="training examples (0 = base model)",
+               ylabel="validation accuracy (%)", title=f"{what}; chance {chance_row['Ave.']:.1f} % on average")
     print(md)
     return 0
 

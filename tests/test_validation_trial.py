@@ -41,6 +41,7 @@ def test_curve_scores_checkpoints_on_a_validation_set_apart_from_the_test_split(
     ckpt4 = by_adapter[str(out / "adapter" / "checkpoint-4")]
     assert curve["rows"][2]["Ave."] == pytest.approx(100 * ckpt4["average"])
     assert "| chance |" in (out / "learning_curve.md").read_text()
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_validation_seed_equal_to_the_training_seed_is_refused(tmp_path, monkeypatch):
