@@ -316,7 +316,9 @@ def _score_splits(model: Any, tokenizer: Any, split: Sequence[_Split], batch_siz
     context that does not fit in the model's context with its longest candidate is
     left-truncated (module docstring); its index goes to ``truncated`` (or one warning).
     With a :class:`MultiModel` of K models, both passes run the layers below the first adapted
-    layer on their rows once and the layers above on K copies (one per model).
+    layer on their rows once and the layers above on K copies (one per model); then
+    ``batch_size // K`` examples (at least one) run together, which keeps the memory of the
+    upper layers and logits at what one model with ``batch_size`` needs.
     """
     multi = model if isinstance(model, MultiModel) else None
     net = multi.model if multi else model
@@ -334,7 +336,10 @@ def _score_splits(model: Any, tokenizer: Any, split: Sequence[_Split], batch_siz
     # x vocabulary floats (GBs for a 128k vocabulary).
     last_only = {keep_arg: 1} if keep_arg else {}
     scores: list[list[list[float]]] = [[[] for _ in split] for _ in range(n_models)]
-    for batch in _batches(_length_order([len(s.shared) for s in split]), batch_size):
+    # batch_size bounds the rows above the trunk (examples x models), so the continuation pass's
+    # logits (rows x options x tokens x vocabulary floats) take the memory one model's would
+    per_pass = max(1, batch_size // n_models)
+    for batch in _batches(_length_order([len(s.shared) for s in split]), per_pass):
         ids, mask = _left_padded([split[i].shared for i in batch], pad, device)
         with torch.inference_mode():
             with multi.share(len(batch)) if multi else contextlib.nullcontext():

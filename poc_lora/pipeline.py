@@ -352,8 +352,11 @@ def _eval_stage(cfg: PipelineConfig, mode: str, base_model: str, adapters: list[
     if stale:
         logger.info("evaluating %d of %d models (%s); the others are up to date", len(stale), len(models),
                     ", ".join(p.name for p, _ in stale))
+        # the base model (when asked for) rides along: in one many-models pass it is one more
+        # member above the shared trunk, where evaluating it alone afterwards costs a whole pass
         evaluate(base_model, [p for p, k in stale if k == "adapter"], [p for p, k in stale if k == "merged"],
-                 include_base=False, overwrite=True, **common)
+                 include_base=bool(cfg.eval.include_base and cfg.eval.batch_models and mode != "generate"),
+                 overwrite=True, **common)
         for p, _ in stale:
             write_stage(out / p.name, "eval", settings[p])
     else:
