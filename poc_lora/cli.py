@@ -430,6 +430,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group Trainer/accelerate opened under torchrun, before interpreter exit.
+
+    Left to interpreter shutdown, the gloo backend's threads are torn down in arbitrary order and a
+    rank can abort ("terminate called without an active exception", SIGABRT) after its work is
+    done, which torchrun reports as a failed run.
+    """
+    dist = sys.modules.get("torch.distributed")  # only if the command imported torch at all
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

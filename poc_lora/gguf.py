@@ -33,8 +33,8 @@ from huggingface_hub import hf_hub_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .adapters import sha256_file
-from .cache import cache_dir
-from .errors import ConfigError, OutputError
+from .cache import build_once, cache_dir, save_asset_model
+from .errors import ConfigError
 from .outputs import atomic_output_dir, write_json
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def convert_gguf(name_or_path: str | os.PathLike, dtype: str = "float32", *, sou
         source: how the file was obtained, written into the model card (default: its path).
 
     Returns the directory (``config.json``, ``model.safetensors``, tokenizer files, ``README.md``,
-    ``poc_lora_gguf.json``). Written atomically; a complete conversion is reused. Peak memory is
+    ``poc_lora_gguf.json``). Written atomically; a complete conversion is reused, and a float32
+    one also serves a bfloat16 or float16 request (load it with that ``dtype``). Peak memory is
     about twice the dequantized model. Raises :class:`ConfigError` when the ``gguf`` package is
     missing or the file cannot be read as a causal LM.
 
@@ -119,9 +120,16 @@ def convert_gguf(name_or_path: str | os.PathLike, dtype: str = "float32", *, sou
     if dtype not in _DTYPES:
         raise ConfigError(f"GGUF dequantization dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     path = gguf_file(name_or_path)
+    if dtype != "float32" and (converted_dir(path, "float32") / SOURCE_FILE).is_file():
+        # A float32 conversion serves a narrower request: loading it with dtype=bfloat16 casts
+        # the same dequantized values as a bfloat16 conversion stores, without a second
+        # conversion (minutes and a model-sized file for a large GGUF).
+        return converted_dir(path, "float32")
     out = converted_dir(path, dtype)
-    if (out / SOURCE_FILE).is_file():
-        return out
+    return build_once(out, lambda p: (p / SOURCE_FILE).is_file(), lambda: _convert(path, out, dtype, source))
+
+
+def _convert(path: Path, out: Path, dtype: str, source: str | None) -> None:
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader; lazy: the optional `gguf` extra)
     except ImportError:
@@ -153,17 +161,13 @@ def convert_gguf(name_or_path: str | os.PathLike, dtype: str = "float32", *, sou
         "num_hidden_layers": config.num_hidden_layers, "tie_word_embeddings": bool(config.tie_word_embeddings),
         "conversion_version": CONVERSION_VERSION,
     }
-    try:
-        with atomic_output_dir(out) as tmp:
-            plain.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "README.md").write_text(_model_card(record), encoding="utf-8")
-            write_json(tmp / SOURCE_FILE, record)
-    except (OutputError, OSError):
-        if not (out / SOURCE_FILE).is_file():  # not just another process finishing first
-            raise
+    # overwrite: a directory left without its SOURCE_FILE marker is an incomplete earlier attempt
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        save_asset_model(plain, tmp)  # safetensors (the default)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(_model_card(record), encoding="utf-8")
+        write_json(tmp / SOURCE_FILE, record)
     logger.info("converted GGUF model written to %s", out)
-    return out
 
 
 __all__ = ["GGUF_SUFFIX", "convert_gguf", "converted_dir", "gguf_file", "is_gguf"]

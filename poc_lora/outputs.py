@@ -106,6 +106,12 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
+    if out.exists() and not overwrite:
+        # Another process created it while this one was writing: never replace its result
+        # under a reader's feet without being asked to.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"output {out} was created by another process while this one was writing it; "
+                          "pass --overwrite (overwrite=True) to replace it")
     if out.exists():
         # Move the old result aside first: a crash between the two renames leaves the
         # old result recoverable under its .old name rather than nothing at all.

@@ -93,6 +93,8 @@ def test_conversion_keeps_the_gguf_weights_and_tying(smollm2_dir, base):
     assert gguf.name in (smollm2_dir / "README.md").read_text()
     # a .gguf path given directly resolves to the same conversion (keyed by the file's hash)
     assert Path(resolve_model_path(str(gguf))) == smollm2_dir
+    # the float32 conversion serves a bfloat16 request (loaded with that dtype): no second conversion
+    assert Path(resolve_model_path(SMOLLM2_MODEL_ID, "bfloat16")) == smollm2_dir
     tensors = {t.name: t for t in GGUFReader(str(gguf)).tensors}
     ours = {"token_embd.weight": base.model.embed_tokens.weight, "blk.29.ffn_down.weight":
             base.model.layers[29].mlp.down_proj.weight, "blk.0.attn_v.weight": base.model.layers[0].self_attn.v_proj.weight,

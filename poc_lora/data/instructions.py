@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import datasets
 from transformers import DataCollatorForSeq2Seq
 
-from ..cache import cache_dir
+from ..cache import build_once, cache_dir
 from ..errors import ConfigError, DataError
 from .choices import ANSWER_STYLES, parse_choices, record_answer, text_target
 from .reasoning import make_records as make_reasoning_records
@@ -79,16 +79,15 @@ def resolve_data_path(data_args: Any) -> str:
     generator = make_reasoning_records if kind == SYNTHETIC_REASONING_DATA else None
     root = synthetic_data_dir(data_args.synthetic_train_per_suite, data_args.synthetic_test_per_suite,
                               data_args.synthetic_label_noise, data_args.synthetic_seed, kind)
-    if not (root / TRAIN_FILE).exists():
+
+    def build() -> None:
         logger.info("writing the %s suites to %s", kind, root)
-        try:
-            write_synthetic_commonsense(
-                root, train_per_suite=data_args.synthetic_train_per_suite,
-                test_per_suite=data_args.synthetic_test_per_suite,
-                label_noise=data_args.synthetic_label_noise, seed=data_args.synthetic_seed, generator=generator)
-        except Exception:
-            if not (root / TRAIN_FILE).exists():  # not just another process winning the race
-                raise
+        write_synthetic_commonsense(
+            root, train_per_suite=data_args.synthetic_train_per_suite,
+            test_per_suite=data_args.synthetic_test_per_suite,
+            label_noise=data_args.synthetic_label_noise, seed=data_args.synthetic_seed, generator=generator)
+
+    build_once(root, lambda p: (p / TRAIN_FILE).exists(), build)
     return str(root / TRAIN_FILE)
 
 

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ..cache import cache_dir
+from ..cache import build_once, cache_dir, save_asset_model
 from ..data.instructions import data_collator, tokenize_examples
 from ..data.suites import SUITE_ORDER, SUITES
 from ..data.synthetic import make_records, vocabulary
@@ -144,7 +144,7 @@ def build_tiny_model(output: str | Path, seed: int = 0, overwrite: bool = False,
         model.generation_config = GenerationConfig(
             bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
         )
-        model.save_pretrained(tmp)
+        save_asset_model(model, tmp)
         tokenizer.save_pretrained(tmp)
     return Path(output)
 
@@ -157,15 +157,12 @@ def tiny_model_path() -> str:
         '/home/me/.cache/poc-lora/tiny-llama-v2'
     """
     path = cache_dir() / f"tiny-llama-v{TINY_MODEL_VERSION}"
-    if not (path / "config.json").exists():
+
+    def build() -> None:
         logger.info("building the tiny offline model in %s (once; %d pretraining steps)", path, TINY_PRETRAIN_STEPS)
-        try:
-            build_tiny_model(path, pretrain_steps=TINY_PRETRAIN_STEPS)
-        except (OutputError, OSError):
-            # Another process built it concurrently (our rename onto its directory fails);
-            # theirs is identical (same seed), so use it.
-            if not (path / "config.json").exists():
-                raise
+        build_tiny_model(path, pretrain_steps=TINY_PRETRAIN_STEPS)
+
+    build_once(path, lambda p: (p / "config.json").exists(), build)
     return str(path)
 
 
