@@ -292,6 +292,27 @@ def _split_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], score_from_sh
     return _Split(full[0][:shared], [f[shared:] for f in full], skip)
 
 
+# Elements of float32 log-softmax computed at once in target_logprobs (64 MB): the full
+# (rows, tokens, vocabulary) float32 copy of a many-models batch would take GBs.
+_LOGPROB_CHUNK = 2**24
+
+
+def target_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits.float())`` at the ``target`` ids, a chunk of rows at a time.
+
+    ``logits``: (..., V) in any dtype; ``target``: the matching (...) token ids. Returns (...)
+    float32. Equal to ``torch.log_softmax(logits.float(), -1).gather(-1, target[..., None])``
+    without its full-size float32 copies.
+    """
+    flat, ids = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    out = torch.empty(ids.shape, dtype=torch.float32, device=logits.device)
+    step = max(1, _LOGPROB_CHUNK // logits.shape[-1])
+    for start in range(0, flat.shape[0], step):
+        chunk = torch.log_softmax(flat[start:start + step].float(), dim=-1)
+        out[start:start + step] = chunk.gather(-1, ids[start:start + step, None]).squeeze(-1)
+    return out.view(target.shape)
+
+
 def _gather_cache(cache: Any, row_index: Any, multi: MultiModel | None, rows: int) -> None:
     """Keep, in order, the KV-cache rows ``row_index`` (one per candidate) of a context batch of
     ``rows`` rows. With a :class:`MultiModel`, the layers from its first adapted layer on hold
@@ -373,8 +394,7 @@ def _score_splits(model: Any, tokenizer: Any, split: Sequence[_Split], batch_siz
                     logits = net(
                         input_ids=feed, attention_mask=row_mask, position_ids=pos, use_cache=False, **{cache_arg: cache}
                     ).logits
-                logp = torch.log_softmax(logits.float(), dim=-1).view(n_models, len(rows), rest, -1)
-                logp = logp.gather(-1, target.expand(n_models, -1, -1).unsqueeze(-1)).squeeze(-1)
+                logp = target_logprobs(logits, target.repeat(n_models, 1)).view(n_models, len(rows), rest)
                 total = total + (logp * valid).sum(-1)
         for per_model, values in zip(scores, total.tolist()):
             for (b, _), value in zip(rows, values):

@@ -105,10 +105,20 @@ class MultiLoraLinear(nn.Module):
 
         The stack is part of the autograd graph, so each member's own parameters get their gradients.
         """
+        if not torch.is_grad_enabled():
+            # Evaluation: stack (and pad) once, not in every forward; the key notices any
+            # in-place change of a factor (its version counter) and a move to another device.
+            key = (self.lora_A[0].device, *(p._version for p in [*self.lora_A, *self.lora_B]))
+            if getattr(self, "_stack_key", None) != key:
+                self._stack_key, self._stack = key, self._stack_factors()
+            return self._stack
+        return self._stack_factors()
+
+    def _stack_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         ranks = {a.shape[0] for a in self.lora_A}
         if len(ranks) == 1:
             return torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))
-        r = max(ranks)  # evaluation of models of different ranks (merges): pad once per forward
+        r = max(ranks)  # evaluation of models of different ranks (merges)
         a = torch.stack([F.pad(t, (0, 0, 0, r - t.shape[0])) for t in self.lora_A])
         b = torch.stack([F.pad(t, (0, r - t.shape[1])) for t in self.lora_B])
         return a, b

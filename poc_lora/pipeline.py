@@ -330,8 +330,13 @@ def eval_dtype(train_cfg: Any) -> str:
 
 
 def _eval_stage(cfg: PipelineConfig, mode: str, base_model: str, adapters: list[Path], merges: dict[str, Path],
-                data_dir: Path, out: Path, overwrite: bool, dtype: str = "auto") -> EvalResult:
+                data_dir: Path, out: Path, overwrite: bool, dtype: str = "auto",
+                template: str | None = None) -> EvalResult:
     """Evaluate every model whose weights or evaluation settings changed, then collect all results.
+
+    ``template``: the prompt template the adapters were trained with; the base model is prompted
+    with it too (adapters carry their own record of it), so the Base row differs from the
+    adapters' rows by the weights alone.
 
     Each model's results under ``out/<model>/`` carry a stage marker (evaluation settings + the
     model's own stage hash); stale models are evaluated again in one call (base loaded once), and
@@ -340,10 +345,10 @@ def _eval_stage(cfg: PipelineConfig, mode: str, base_model: str, adapters: list[
 
     common = dict(data_dir=data_dir, output=out, tasks=cfg.eval.tasks, mode=mode, limit=cfg.eval.limit,
                   batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams, choice_format=cfg.eval.choice_format,
-                  dtype=dtype, batch_models=cfg.eval.batch_models)
+                  dtype=dtype, batch_models=cfg.eval.batch_models, template=template)
     shared = {"base_model": base_model, "dtype": dtype, "data_dir": str(data_dir), "tasks": cfg.eval.tasks,
               "mode": mode, "limit": cfg.eval.limit, "num_beams": cfg.eval.num_beams if mode == "generate" else None,
-              "include_base": cfg.eval.include_base}
+              "include_base": cfg.eval.include_base, "template": template}
     if mode == "choice":
         shared["choice_format"] = cfg.eval.choice_format
     models = [(a, "adapter") for a in adapters] + [(m, "merged") for m in merges.values()]
@@ -567,7 +572,8 @@ def run_pipeline(
     # The first mode's results go to eval/ (as with one mode), each further mode's to eval_<mode>/.
     eval_dirs = {mode: out / ("eval" if k == 0 else f"eval_{mode}") for k, mode in enumerate(cfg.eval.modes)}
     evaluations = {mode: _eval_stage(cfg, mode, train_cfg.model.model_name_or_path, adapters, merges, data_dir,
-                                     eval_dir, overwrite, dtype=eval_dtype(train_cfg))
+                                     eval_dir, overwrite, dtype=eval_dtype(train_cfg),
+                                     template=train_cfg.data.prompt_template)
                    for mode, eval_dir in eval_dirs.items()}
     evaluation = evaluations[cfg.eval.modes[0]]
     timing["evaluation"] = time.perf_counter() - t

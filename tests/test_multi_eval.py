@@ -173,3 +173,15 @@ def test_generate_mode_and_the_flag_evaluate_one_at_a_time(env, monkeypatch):
             "--data_dir", str(env["data"]), "--tasks", "boolq", "--mode", "rank", "--limit", "2",
             "--batch_models", "false", "--output", str(env["root"] / "flag")]
     assert cli_main(argv) == 0
+
+
+def test_target_logprobs_in_chunks_equal_one_log_softmax(monkeypatch):
+    import eval_harness.scoring as scoring
+
+    logits = torch.randn(3, 5, 37, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    target = torch.randint(0, 37, (3, 5), generator=torch.Generator().manual_seed(1))
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, target[..., None]).squeeze(-1)
+    monkeypatch.setattr(scoring, "_LOGPROB_CHUNK", 37 * 4)  # 4 rows per chunk: 15 rows in 4 chunks
+    got = scoring.target_logprobs(logits, target)
+    assert got.dtype == torch.float32 and got.shape == (3, 5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
