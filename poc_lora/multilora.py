@@ -107,8 +107,8 @@ class MultiLoraLinear(nn.Module):
         """
         if not torch.is_grad_enabled():
             # Evaluation: stack (and pad) once, not in every forward; the key notices any
-            # in-place change of a factor (its version counter) and a move to another device.
-            key = (self.lora_A[0].device, *(p._version for p in [*self.lora_A, *self.lora_B]))
+            # in-place change of a factor (its version counter) and a move to another device or dtype.
+            key = (self.lora_A[0].device, self.lora_A[0].dtype, *(p._version for p in [*self.lora_A, *self.lora_B]))
             if getattr(self, "_stack_key", None) != key:
                 self._stack_key, self._stack = key, self._stack_factors()
             return self._stack

@@ -46,6 +46,7 @@ from .reasoning import make_records as make_reasoning_records
 from .suites import SUITE_ORDER, SUITES, Suite
 from .synthetic import SYNTHETIC_KINDS, SYNTHETIC_REASONING_DATA, TRAIN_FILE, write_synthetic_commonsense
 from .templates import PromptTemplate
+from .validation import MANIFEST as VALIDATION_MANIFEST
 from .validation import split_validation, validation_dir_for, write_validation_dir
 
 logger = logging.getLogger(__name__)
@@ -264,8 +265,9 @@ def _split(data_args: Any, directory: Path) -> tuple[dict[str, list[dict[str, st
     sources = {s: str(p) for s, p in files.items()}
     spec, seed = data_args.validation_split, data_args.val_split_seed
     train, val, held = split_validation(by_suite, spec, seed, sources)
-    root = write_validation_dir(validation_dir_for(sources, hashes, spec, seed), val, held, sources, hashes, spec,
-                                seed)
+    root = validation_dir_for(sources, hashes, spec, seed)
+    build_once(root, lambda p: (p / VALIDATION_MANIFEST).is_file(),
+               lambda: write_validation_dir(root, val, held, sources, hashes, spec, seed))
     return train, root
 
 
