@@ -58,6 +58,7 @@ from .models import TINY_MODEL_ID
 from .outputs import atomic_write_text, write_json
 from .report import accuracy_percentages, comparison_rows, markdown_table, plot_grouped_bars
 from .stages import changed_settings, clear_stage, is_current, stage_hash, write_stage
+from .runtime import release_memory
 from .merge.methods import get_method, method_names, resolve_parameters
 from .merge.serving import parse_serve_rank
 
@@ -561,11 +562,13 @@ def run_pipeline(
         return None
     timing["training"] = time.perf_counter() - t
     adapters = [Path(p) for p in ens.adapters]
+    release_memory()  # the training's freed activations, before evaluation allocates its own
 
     t = time.perf_counter()
     logger.info("stage 2/4: merging (%s)", ", ".join(cfg.merge.methods))
     merges = _merge_stage(cfg, adapters, out / "merges", overwrite)
     timing["merging"] = time.perf_counter() - t
+    release_memory()
 
     t = time.perf_counter()
     logger.info("stage 3/4: evaluating %d models", len(adapters) + len(merges))

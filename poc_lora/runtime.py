@@ -124,3 +124,26 @@ def resolve_bf16(value: Any, use_cpu: bool = False) -> bool:
         device = "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
         return native_bf16(device)
     return bool(value)
+
+
+def release_memory() -> bool:
+    """Give the memory freed by the last stage back to the operating system; True if it could.
+
+    A long CPU run (training, then evaluation in the same process) frees GBs of activations,
+    but glibc keeps freed heap pages for reuse, and the next stage's differently sized tensors
+    fragment them further: the process's peak RSS becomes the sum of both stages rather than
+    the larger one. ``malloc_trim(0)`` returns the free pages; it costs milliseconds, unlike
+    a low ``MALLOC_MMAP_THRESHOLD_``, which returns them after every tensor but slowed the SmolLM2
+    recipe by half (docs/troubleshooting.md). Elsewhere (musl, macOS, Windows) it only collects
+    garbage and returns False.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

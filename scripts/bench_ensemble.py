@@ -65,9 +65,11 @@ def run_pipeline(name: str, config: Path, out: Path, global_args: list[str], key
             "command": " ".join(cmd[2:])}
 
 
-def padding_waste(config: Path, overrides: list[str]) -> float:
-    """Tokens computed / real tokens over the training batches of member 0 (random order, the
-    configured micro-batch, padded to the longest example and the collator's multiple)."""
+def batch_stats(config: Path, overrides: list[str]) -> dict[str, float]:
+    """Over the training batches of member 0 (random order, the configured micro-batch, padded to
+    the longest example and the collator's multiple): ``padding_waste`` = tokens computed / real
+    tokens, ``tokens_per_row`` = padded length per row, ``supervised_per_row`` = labelled tokens
+    per row (where the LM head runs)."""
     import torch
 
     from poc_lora.pipeline import PipelineConfig
@@ -80,13 +82,15 @@ def padding_waste(config: Path, overrides: list[str]) -> float:
     tok = load_tokenizer(cfg.model.model_name_or_path)
     ds, _ = build_datasets(load_checked_records(cfg), tok, get_template(cfg.data.prompt_template), cfg.data)
     lengths = torch.tensor([len(x) for x in ds["input_ids"]])
+    supervised = sum(sum(1 for t in labels[1:] if t != -100) for labels in ds["labels"])
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0))
     b, m = cfg.training.per_device_train_batch_size, cfg.data.pad_to_multiple_of or 1
     computed = 0
     for i in range(0, len(order), b):
         batch = lengths[order[i:i + b]]
         computed += len(batch) * (-(-int(batch.max()) // m) * m)
-    return computed / int(lengths.sum())
+    return {"padding_waste": computed / int(lengths.sum()), "tokens_per_row": computed / len(lengths),
+            "supervised_per_row": supervised / len(lengths)}
 
 
 def bf16_peak_gflops(threads: int) -> float:
@@ -103,10 +107,12 @@ def bf16_peak_gflops(threads: int) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def step_gflop(config: Path, overrides: list[str], num_adapters: int) -> float:
-    """Matmul work of one batched training step (GFLOP), from the model's shapes: the frozen trunk
-    forward once, the adapted layers forward + input-gradient backward for every member, the LM
-    head at the supervised positions (about half the tokens here) forward and backward."""
+def step_gflop(config: Path, overrides: list[str], num_adapters: int, stats: dict[str, float]) -> float:
+    """Matmul work of one batched training step (GFLOP), from the model's shapes and the batches'
+    measured lengths: the frozen trunk forward once; the adapted layers forward and backward for
+    every member (the base weights are frozen: the backward computes input gradients only, as
+    much work as the forward; the LoRA factors are negligible); the LM head forward and backward
+    at the supervised positions only. Attention scores are left out (small at these lengths)."""
     from transformers import AutoConfig
 
     from poc_lora.models import resolve_model_path
@@ -119,10 +125,11 @@ def step_gflop(config: Path, overrides: list[str], num_adapters: int) -> float:
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * f  # q, o, k, v, gate/up/down weights
     adapted = cfg.lora.lora_layers_to_transform or list(range(layers))
     first = min(adapted)
-    tokens = cfg.training.per_device_train_batch_size * cfg.data.cutoff_len
+    rows = cfg.training.per_device_train_batch_size
+    tokens = rows * stats["tokens_per_row"]
     trunk = 2 * per_layer * first * tokens
-    top = num_adapters * 3 * 2 * per_layer * (layers - first) * tokens  # fwd + bwd (activations only)
-    head = num_adapters * 3 * 2 * mc.vocab_size * d * tokens / 2
+    top = num_adapters * 2 * 2 * per_layer * (layers - first) * tokens
+    head = num_adapters * 2 * 2 * mc.vocab_size * d * rows * stats["supervised_per_row"]
     return (trunk + top + head) / 1e9
 
 
@@ -198,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     m = len(report["adapters"])
     n_models = len(json.loads((out / "new" / "eval" / "summary.json").read_text())["models"])
     threads = len(os.sched_getaffinity(0))
-    gflop = step_gflop(config, common, m)
+    stats = batch_stats(config, common)
+    gflop = step_gflop(config, common, m, stats)
     step_s = new["seconds"]["training"] / args.steps
     peak = bf16_peak_gflops(threads)
     res = {
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "end_to_end_speedup": old["wall_s"] / new["wall_s"],
         "training_per_member_step": {k: r["seconds"]["training"] / (m * args.steps) for k, r in runs.items()},
         "evaluation_per_model": {k: r["seconds"]["evaluation"] / n_models for k, r in runs.items()},
-        "padding_waste": padding_waste(config, common),
+        "padding_waste": stats["padding_waste"],
         "bf16_peak_gflops": peak, "step_gflop": gflop, "achieved_fraction_of_peak": gflop / step_s / peak,
     }
     res["training_speedup"] = res["training_per_member_step"]["old"] / res["training_per_member_step"]["new"]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from poc_lora import cli
 from poc_lora.config import load_config
-from poc_lora.multilora import MultiLoraLinear, first_adapted_layer, supervised_lm_loss
+from poc_lora.multilora import MultiLoraLinear, first_adapted_layer, keep_mask, supervised_lm_loss
 from poc_lora.train import DONE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,6 +288,38 @@ def test_multi_lora_linear_is_each_members_lora():
     assert not torch.equal(y[0], y[1])
     with pytest.raises(ValueError, match="not 2 members' blocks"):
         same(torch.ones(3, 6))
+
+
+def test_keep_mask_has_the_rate_and_independence_of_bernoulli_draws():
+    torch.manual_seed(0)
+    n = 400_000
+    for keep in (0.95, 0.5, 0.1):
+        mask = keep_mask((n,), keep).float()
+        sd = (keep * (1 - keep) / n) ** 0.5
+        assert abs(mask.mean().item() - keep) < 5 * sd
+        # the four 16-bit lanes of one 64-bit draw, and neighbours in general, are uncorrelated
+        centred = mask - mask.mean()
+        for lag in (1, 2, 3, 4):
+            corr = (centred[:-lag] * centred[lag:]).mean() / centred.pow(2).mean()
+            assert abs(corr.item()) < 5 / n ** 0.5
+    assert keep_mask((3, 4), 1.0).all() and not keep_mask((3, 4), 0.0).any()
+    torch.manual_seed(1)
+    first = keep_mask((64,), 0.5)
+    torch.manual_seed(1)
+    assert torch.equal(first, keep_mask((64,), 0.5))  # seeded like dropout
+
+
+def test_lora_dropout_keeps_the_expected_update():
+    """E[dropout(x) / (1 - p)] = x: averaged over many draws, the training-mode layer gives the
+    eval-mode output (the 1 / (1 - p) is folded into the scale)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 4)
+    layer = MultiLoraLinear(base, [torch.randn(2, 8)], [torch.randn(4, 2)], scaling=2.0, dropout=0.3)
+    x = torch.randn(1, 8)
+    with torch.no_grad():
+        expected = layer.eval()(x)
+        mean = layer.train()(x.expand(200_000, 8).contiguous()).mean(0)
+    torch.testing.assert_close(mean, expected[0], atol=0.05, rtol=0.01)
 
 
 def test_first_adapted_layer():
