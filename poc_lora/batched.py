@@ -194,10 +194,22 @@ class BatchedLoraModel(nn.Module):
             setattr(owner, child, getattr(owner, child).base_layer)
         return self.base
 
-    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        **kwargs: Any) -> None:
         """Trainer's ``activation_checkpointing``: the base model's own (per decoder layer; the
-        trunk hooks run inside each checkpointed layer, so its recomputation tiles the same way)."""
-        self.base.activation_checkpointing_enable(**kwargs)
+        trunk hooks run inside each checkpointed layer, so its recomputation tiles the same way).
+
+        transformers also makes the embeddings' output require grad, which only torch's
+        reentrant checkpointing needs; with the default (non-reentrant) that hook is removed
+        again, so the frozen trunk stays out of the backward pass (see
+        :func:`poc_lora.train.reentrant_checkpointing`).
+        """
+        self.base.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                  **kwargs)
+        reentrant = bool(activation_checkpointing_kwargs) and \
+            activation_checkpointing_kwargs.get("use_reentrant", True) is not False
+        if not reentrant:
+            self.base.disable_input_require_grads()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | int | None = None,

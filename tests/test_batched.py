@@ -218,6 +218,30 @@ def test_unsupported_lora_is_refused_before_the_model_loads(tmp_path, capsys, no
     assert needle in err and "Traceback" not in err
 
 
+def test_checkpointing_keeps_the_frozen_trunk_out_of_the_backward_pass(runs, tmp_path, monkeypatch):
+    """With activation checkpointing (non-reentrant, transformers' default) the adapters equal
+    the run without it, and the output of layer 0 (below the adapted layer 1) needs no gradient:
+    the frozen trunk is not in the backward pass (transformers' input-grads hook, which only
+    reentrant checkpointing needs, would put it there)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    needs_grad: dict[int, set[bool]] = {}
+    original = LlamaDecoderLayer.forward
+
+    def recording(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        needs_grad.setdefault(self.self_attn.layer_idx, set()).add(hidden.requires_grad)
+        return out
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", recording)
+    _ensemble(tmp_path / "ckpt", "batched", "--activation_checkpointing", "true", "--save_strategy", "no")
+    assert needs_grad[0] == {False} and True in needs_grad[1]  # (layer 1 also runs no-grad evaluations)
+    for j in range(M):
+        got, ref = _weights(tmp_path / "ckpt" / f"adapter_{j}"), _weights(runs["bat"] / f"adapter_{j}")
+        assert _rel(ref, got) < 1e-5
+
+
 def test_per_member_data_order_matches_sequential(tmp_path):
     """per_member: member j reads its own order (seed + j) in both strategies; the batched run
     stacks the members' micro-batches, padded to one length, so equality is up to rounding."""
