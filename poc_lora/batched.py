@@ -65,8 +65,8 @@ from .optim import NoisyAdamW
 from .outputs import write_json
 from .stages import settings_hash
 from .trainer import noise_scales, noisy_adamw_kwargs, noisy_param_groups
-from .train import (PreparedRun, attach_lora, data_sha256, last_checkpoint, load_base_model, start_output,
-                    tokenize_run, train_settings, training_record, write_trained_adapter)
+from .train import (PreparedRun, attach_lora, data_sha256, last_checkpoint, load_base_model, reentrant_checkpointing,
+                    start_output, tokenize_run, train_settings, training_record, write_trained_adapter)
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +206,7 @@ class BatchedLoraModel(nn.Module):
         """
         self.base.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
                                                   **kwargs)
-        reentrant = bool(activation_checkpointing_kwargs) and \
-            activation_checkpointing_kwargs.get("use_reentrant", True) is not False
-        if not reentrant:
+        if not reentrant_checkpointing(activation_checkpointing_kwargs):
             self.base.disable_input_require_grads()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -228,7 +228,7 @@ def load_base_model(cfg: TrainConfig) -> Any:
     if quantized:
         # casts norms to fp32 and makes the inputs require grad, so checkpointed layers backprop
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(cfg))
-    elif _checkpointing(cfg) and reentrant_checkpointing(cfg):
+    elif _checkpointing(cfg) and reentrant_checkpointing(_checkpointing_kwargs(cfg)):
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     return model
@@ -239,9 +239,17 @@ def _checkpointing(cfg: TrainConfig) -> bool:
     return bool(getattr(tr, "activation_checkpointing", False) or getattr(tr, "gradient_checkpointing", False))
 
 
-def reentrant_checkpointing(cfg: TrainConfig) -> bool:
-    """Whether activation checkpointing runs torch's reentrant variant: only when the config's
-    checkpointing kwargs ask for it (transformers' default is ``use_reentrant: False``).
+def _checkpointing_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The kwargs Trainer passes to ``torch.utils.checkpoint`` (without its own two keys)."""
+    tr = cfg.training
+    kwargs = getattr(tr, "activation_checkpointing_kwargs", None) or getattr(tr, "gradient_checkpointing_kwargs", None)
+    return {k: v for k, v in (kwargs or {}).items() if k not in ("every_n_layers", "offload")}
+
+
+def reentrant_checkpointing(kwargs: dict[str, Any] | None) -> bool:
+    """Whether activation checkpointing with these ``activation_checkpointing_kwargs`` runs
+    torch's reentrant variant: only when they ask for it (transformers' default, for None or an
+    empty dict, is ``use_reentrant: False``; torch's, for a dict without the key, is reentrant).
 
     Only the reentrant variant needs the embeddings' output to require grad (else a checkpointed
     layer whose input needs no grad returns an output without one, and its LoRA gets no
@@ -249,11 +257,9 @@ def reentrant_checkpointing(cfg: TrainConfig) -> bool:
     only the top layers are adapted: every frozen layer below them then joins the backward pass
     and, checkpointed, runs its forward twice.
     """
-    tr = cfg.training
-    kwargs = getattr(tr, "activation_checkpointing_kwargs", None) or getattr(tr, "gradient_checkpointing_kwargs", None)
     if not kwargs:
         return False
-    return kwargs.get("use_reentrant", True) is not False  # torch's own default when the key is absent
+    return kwargs.get("use_reentrant", True) is not False
 
 
 def lora_config(cfg: TrainConfig) -> Any:
