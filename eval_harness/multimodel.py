@@ -13,10 +13,15 @@ run once on a batch of b rows; from that layer on, the rows are tiled once per m
 product. Scoring (:mod:`eval_harness.scoring`) gathers the KV cache per layer: b rows below the
 split, ``num_models * b`` above it.
 
-Exactness: each model's rows compute ``base(x) + s B A x`` as PEFT's LoRA layer does (adapter
-factors in float32, the input cast to float32 for the LoRA path, the sum cast back to the base's
-dtype); the results equal one-by-one evaluation up to floating-point summation order (tested:
-predictions identical, scores within 1e-4 in float32).
+Exactness: each model's rows compute ``base(x) + s B A x``. On a float32 base this is PEFT's
+LoRA layer exactly, and the results equal one-by-one evaluation up to floating-point summation
+order (tested: predictions identical, scores within 1e-4). On a bfloat16 (or float16) base the
+LoRA products run in the base's dtype, as they do under autocast, where PEFT's unmerged layer
+upcasts the input to its float32 factors: on a CPU the float32 products of M + K models (zero-
+padded to the largest rank, the merge's M r) cost as much as the bfloat16 base layers beneath
+them. The difference is bfloat16 rounding of an update that is added to a bfloat16 output anyway
+(tested against one-by-one evaluation in bfloat16: scores within bfloat16 tolerance, predictions
+equal but for near-ties). ``--batch_models false`` evaluates one by one with PEFT's own layers.
 
 What it refuses (:class:`Unsupported`, and the runner then evaluates one model at a time):
 adapters that are not a plain ``s * B @ A`` (DoRA and the other variants
@@ -176,7 +181,7 @@ def build_multi_model(model: nn.Module, adapters: Sequence[str | Path | None]) -
         b = [f[name][1] if name in f else zero_b for f in factors]
         scale = [f[name][2] if name in f else 0.0 for f in factors]
         multi = MultiLoraLinear(layer, [t.to(device) for t in a], [t.to(device) for t in b], scaling=scale,
-                                trainable=False)
+                                trainable=False, compute_dtype=layer.weight.dtype)
         model.set_submodule(name, multi.to(device).eval())
     logger.info("%d models in one pass: layers below %s.%d shared", len(adapters), *split)
     return MultiModel(model, names, split, len(adapters))

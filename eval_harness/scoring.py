@@ -257,11 +257,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclass
 class _Split:
     """One example's token ids: the context shared by all its candidates (run once), each
-    candidate's tokens after it, and how many leading tokens of each are context, not scored."""
+    candidate's tokens after it, how many leading tokens of each are context, not scored, and
+    how many trailing tokens of the shared part are scored (a continuation prefix common to
+    every candidate, such as rank mode's "the correct answer is": scored once, added to each)."""
 
     shared: list[int]
     rest: list[list[int]]
     skip: list[int]
+    scored: int = 0
 
 
 def _split_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], score_from_shared: bool) -> _Split:
@@ -271,9 +274,11 @@ def _split_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], score_from_sh
     ends where that token sequence stops agreeing with the context's own tokens (usually the
     context's last token; a token earlier when the tokenizer merges across the boundary). The
     shared part is the longest token prefix all candidates have in common and within every
-    context. ``score_from_shared``: score every token after the shared part (rank mode: the
-    candidates' joint likelihoods given a common context); else only each candidate's
-    continuation tokens (choice mode, lm-evaluation-harness's ``loglikelihood``). When the
+    context. ``score_from_shared``: score every token after that (rank mode: the candidates'
+    joint likelihoods given a common context), and extend the shared part over the continuation
+    tokens all candidates have in common, which are then scored once, in the shared pass,
+    instead of once per candidate; else only each candidate's continuation tokens (choice mode,
+    lm-evaluation-harness's ``loglikelihood``). When the
     candidates share no token at all (no BOS, contexts that differ from the first token), every
     candidate is given the BOS (else EOS) token as context, as lm-evaluation-harness does for an
     empty context.
@@ -288,8 +293,11 @@ def _split_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], score_from_sh
         if anchor is None:
             raise ValueError("the candidates share no context token and the tokenizer has neither BOS nor EOS")
         full, ends, shared = [[anchor, *f] for f in full], [e + 1 for e in ends], 1
-    skip = [0] * len(full) if score_from_shared else [e - shared for e in ends]
-    return _Split(full[0][:shared], [f[shared:] for f in full], skip)
+    if not score_from_shared:
+        return _Split(full[0][:shared], [f[shared:] for f in full], [e - shared for e in ends])
+    # every candidate keeps at least one token of its own (the one its score differs by)
+    extended = max(shared, min(min(map(len, full)) - 1, *(_common_prefix(full[0], f) for f in full)))
+    return _Split(full[0][:extended], [f[extended:] for f in full], [0] * len(full), extended - shared)
 
 
 # Elements of float32 log-softmax computed at once in target_logprobs (64 MB): the full
@@ -347,35 +355,46 @@ def _score_splits(model: Any, tokenizer: Any, split: Sequence[_Split], batch_siz
     context = context_length(net)
     fitted = [dataclasses.replace(s, shared=fit_context(s.shared, context, max(map(len, s.rest)), tokenizer.bos_token_id))
               for s in split]
+    if any(s.scored >= len(s.shared) for s in fitted):
+        raise ConfigError(f"the model's context of {context} tokens leaves no room for the prompt before the "
+                          "candidates' common completion tokens")
     _report_truncated([i for i, (a, b) in enumerate(zip(split, fitted)) if len(a.shared) != len(b.shared)],
                       len(split), context, truncated)
     split = fitted
     pad = tokenizer.pad_token_id
     device = _model_device(net)
     cache_arg, keep_arg = _forward_kwargs(net)
-    # Only the context's last position is needed: skipping the other logits saves batch x length
-    # x vocabulary floats (GBs for a 128k vocabulary).
-    last_only = {keep_arg: 1} if keep_arg else {}
+    # Only the context's last positions are needed (its last token and the scored common
+    # completion tokens): skipping the other logits saves batch x length x vocabulary floats
+    # (GBs for a 128k vocabulary).
     scores: list[list[list[float]]] = [[[] for _ in split] for _ in range(n_models)]
     # batch_size bounds the rows above the trunk (examples x models), so the continuation pass's
     # logits (rows x options x tokens x vocabulary floats) take the memory one model's would
     per_pass = max(1, batch_size // n_models)
     for batch in _batches(_length_order([len(s.shared) for s in split]), per_pass):
         ids, mask = _left_padded([split[i].shared for i in batch], pad, device)
+        prefix = max(split[i].scored for i in batch)  # scored tokens at the end of the shared part
         with torch.inference_mode():
             with multi.share(len(batch)) if multi else contextlib.nullcontext():
-                out = net(
-                    input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=True, **last_only
-                )
+                out = net(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=True,
+                          **({keep_arg: prefix + 1} if keep_arg else {}))
+            logits = out.logits[:, -(prefix + 1):]  # (K * b, prefix + 1, vocabulary)
             # (K * b, vocabulary): predicts each continuation's 1st token, model k's rows in block k
-            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(n_models, len(batch), -1)
+            first = torch.log_softmax(logits[:, -1].float(), dim=-1).view(n_models, len(batch), -1)
+            shared_score = torch.zeros(n_models, len(batch), device=device)
+            if prefix:
+                # window position t predicts shared token t + 1 (left padding: the rows' ends align)
+                counts = torch.tensor([split[i].scored for i in batch], device=device)
+                scored = (torch.arange(prefix, device=device) >= prefix - counts[:, None]).float()
+                logp = target_logprobs(logits[:, :-1], ids[:, -prefix:].repeat(n_models, 1))
+                shared_score = (logp.view(n_models, len(batch), prefix) * scored).sum(-1)
             rows = [(b, k) for b, i in enumerate(batch) for k in range(len(split[i].rest))]
             conts = [split[batch[b]].rest[k] for b, k in rows]
             skips = [split[batch[b]].skip[k] for b, k in rows]
             row_index = torch.tensor([b for b, _ in rows], device=device)
             scored_first = torch.tensor([float(s == 0) for s in skips], device=device)
             first_tokens = torch.tensor([c[0] for c in conts], device=device)
-            total = first[:, row_index, first_tokens] * scored_first  # (K, rows)
+            total = first[:, row_index, first_tokens] * scored_first + shared_score[:, row_index]  # (K, rows)
             rest = max(len(c) for c in conts) - 1
             if rest > 0:
                 # Feed tokens 1..n-1 of each continuation (right-padded) on the gathered cache.

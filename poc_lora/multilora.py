@@ -91,6 +91,9 @@ class MultiLoraLinear(nn.Module):
         dropout: dropout probability on the LoRA input (PEFT's ``lora_dropout``), active in
             training mode only.
         trainable: whether new parameters (from plain tensors) require grad.
+        compute_dtype: the dtype of the LoRA products outside autocast. None: the factors' dtype
+            (float32 factors on a bfloat16 base compute in float32, as PEFT's LoRA layer does).
+            Under autocast they run in the autocast dtype either way.
 
     Input ``x``: (M * b, ..., in), member m's rows at [m * b, (m + 1) * b). Output: (M * b, ..., out).
     Cost: ``base`` once on all rows, plus two ``bmm`` of (M, b * T, in) x (M, in, r) and
@@ -104,7 +107,8 @@ class MultiLoraLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
-                 scaling: float | Sequence[float] = 1.0, dropout: float = 0.0, trainable: bool = True) -> None:
+                 scaling: float | Sequence[float] = 1.0, dropout: float = 0.0, trainable: bool = True,
+                 compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if len(lora_A) != len(lora_B) or not lora_A:
             raise ValueError(f"MultiLoraLinear: need as many lora_A as lora_B factors (>= 1), got "
@@ -121,54 +125,59 @@ class MultiLoraLinear(nn.Module):
             raise ValueError(f"MultiLoraLinear: {len(scales)} scalings for {len(lora_A)} members")
         self.register_buffer("scaling", torch.tensor(scales, dtype=torch.float32), persistent=False)
         self.dropout = float(dropout)
+        self.compute_dtype = compute_dtype
 
     @property
     def num_members(self) -> int:
         return len(self.lora_A)
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, r, in) and (M, out, r): the factors stacked (zero-padded to the largest rank).
+    def stacked(self, dtype: torch.dtype | None = None, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, r, in) and (M, out, r): the factors stacked (zero-padded to the largest rank), each
+        member's B multiplied by its scale times ``factor``, cast to ``dtype`` (None: as stored).
 
-        The stack is part of the autograd graph, so each member's own parameters get their gradients.
+        The stack is part of the autograd graph, so each member's own parameters get their
+        gradients. Without grad (evaluation) it is computed once and cached: the key notices any
+        in-place change of a factor (its version counter) and a move to another device or dtype.
         """
-        if not torch.is_grad_enabled():
-            # Evaluation: stack (and pad) once, not in every forward; the key notices any
-            # in-place change of a factor (its version counter) and a move to another device or dtype.
-            key = (self.lora_A[0].device, self.lora_A[0].dtype, *(p._version for p in [*self.lora_A, *self.lora_B]))
-            if getattr(self, "_stack_key", None) != key:
-                self._stack_key, self._stack = key, self._stack_factors()
-            return self._stack
-        return self._stack_factors()
+        if torch.is_grad_enabled():
+            return self._stack_factors(dtype, factor)
+        key = (self.lora_A[0].device, self.lora_A[0].dtype, dtype, factor,
+               *(p._version for p in [*self.lora_A, *self.lora_B]))
+        if getattr(self, "_stack_key", None) != key:
+            self._stack_key, self._stack = key, self._stack_factors(dtype, factor)
+        return self._stack
 
-    def _stack_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stack_factors(self, dtype: torch.dtype | None, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         ranks = {a.shape[0] for a in self.lora_A}
         if len(ranks) == 1:
-            return torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))
-        r = max(ranks)  # evaluation of models of different ranks (merges)
-        a = torch.stack([F.pad(t, (0, 0, 0, r - t.shape[0])) for t in self.lora_A])
-        b = torch.stack([F.pad(t, (0, r - t.shape[1])) for t in self.lora_B])
-        return a, b
+            a, b = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))
+        else:
+            r = max(ranks)  # evaluation of models of different ranks (merges)
+            a = torch.stack([F.pad(t, (0, 0, 0, r - t.shape[0])) for t in self.lora_A])
+            b = torch.stack([F.pad(t, (0, r - t.shape[1])) for t in self.lora_B])
+        # The scale multiplies B (M x out x r), not the (M, b * T, out) update: the same product,
+        # a rank-sized multiplication instead of an activation-sized one in forward and backward.
+        b = b * (self.scaling * factor).to(b.dtype).view(-1, 1, 1)
+        return (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         result = self.base_layer(x)
         m = self.num_members
         if x.shape[0] % m:
             raise ValueError(f"MultiLoraLinear: {x.shape[0]} input rows are not {m} members' blocks")
-        a, b = self.stacked()
         # PEFT casts the input to the adapter's dtype (fp32 adapters on a bf16 base); under
         # autocast the products below run in the autocast dtype anyway, so cast once, to that.
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else (self.compute_dtype or self.lora_A[0].dtype)
         h = x.to(dtype)
-        scale = self.scaling.view(m, 1, 1)
-        if self.dropout > 0 and self.training:
-            # one draw over all rows: independent masks per member; 1 / (1 - p) goes into the scale
-            h = torch.where(keep_mask(h.shape, 1.0 - self.dropout, h.device), h, 0.0)
-            scale = scale / (1.0 - self.dropout)
+        p = self.dropout if self.training else 0.0
+        if p > 0:
+            # one draw over all rows: independent masks per member; 1 / (1 - p) goes into B's scale
+            h = torch.where(keep_mask(h.shape, 1.0 - p, h.device), h, 0.0)
+        a, b = self.stacked(None if autocast else dtype, 1.0 / (1.0 - p))
         h = h.reshape(m, -1, h.shape[-1])  # (M, b * T, in)
-        # The scale multiplies B (M x out x r), not the (M, b * T, out) update: same product, a
-        # rank-sized multiplication instead of an activation-sized one in forward and backward.
-        delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), (b * scale.to(b.dtype)).transpose(1, 2))
+        delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
         out = result + delta.reshape(result.shape)
         return out.to(result.dtype)
 

@@ -47,7 +47,8 @@ NEW = [], ["--strategy", "batched", "--data_order", "shared"]
 
 def run_pipeline(name: str, config: Path, out: Path, global_args: list[str], keys: list[str],
                  common: list[str]) -> dict[str, Any]:
-    """One pipeline run in a fresh process: its wall time, peak RSS (its own, via wait4) and stage times."""
+    """One pipeline run in a fresh process: its wall time, peak RSS, CPU time and page faults (its own,
+    via wait4) and stage times."""
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "poc_lora.cli", *global_args, "pipeline", "--config", str(config),
@@ -62,6 +63,7 @@ def run_pipeline(name: str, config: Path, out: Path, global_args: list[str], key
         raise SystemExit(f"[{name}] failed; see {out.parent / f'{name}.log'}")
     report = json.loads((out / "report.json").read_text())
     return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20, "seconds": report["seconds"],
+            "cpu_user_s": usage.ru_utime, "cpu_system_s": usage.ru_stime, "minor_page_faults": usage.ru_minflt,
             "command": " ".join(cmd[2:])}
 
 

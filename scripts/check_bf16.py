@@ -4,15 +4,16 @@ same model scored in fp32 and in bf16.
 
 For a training config it trains one adapter twice from the same seed (``--bf16 false`` and
 ``--bf16 true``; the LoRA weights and the optimizer state stay fp32 in both), logging the
-training loss at every step, then scores the fp32-trained adapter in rank mode with the base
-loaded in float32 and in bfloat16 (the pipeline's evaluation precision for bf16 runs).
+training loss at every step, then scores the base and both adapters in rank mode, together in
+one pass as the pipeline does, with the base loaded in float32 and in bfloat16 (the pipeline's
+evaluation precision for bf16 runs).
 Prints and writes (``--output``: ``bf16_check.json`` and ``bf16_check.md``):
 
 * the largest relative gap between the two loss curves, step by step and over a
   ``--window``-step moving average (bf16 rounding makes single steps noisy; the smoothed gap
   is what a training curve shows);
-* the fraction of evaluation examples whose rank-mode prediction is the same in both precisions,
-  and the two accuracies.
+* the fraction of (model, example) pairs whose rank-mode prediction is the same in both
+  precisions, and the fp32-trained adapter's two accuracies.
 
 Usage:
     python scripts/check_bf16.py --config configs/train/smollm2_cpu.yaml --output results/bf16/smollm2 \
@@ -54,12 +55,13 @@ def max_relative_gap(a: Sequence[float], b: Sequence[float]) -> float:
     return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
 
 
-def _predictions(eval_dir: Path, model: str) -> dict[tuple[str, int], str]:
+def _predictions(eval_dir: Path, models: Sequence[str]) -> dict[tuple[str, str, int], str]:
     out = {}
-    for path in sorted((eval_dir / model).glob("*/predictions.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            out[(path.parent.name, row["index"])] = row["prediction"]
+    for model in models:
+        for path in sorted((eval_dir / model).glob("*/predictions.jsonl")):
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                out[(model, path.parent.name, row["index"])] = row["prediction"]
     return out
 
 
@@ -86,10 +88,13 @@ def check_bf16(config: str, output: Path, overrides: Sequence[str] = (), limit: 
         raise PocLoraError(f"{config}: the check scores the synthetic test sets; use a synthetic data_path")
     evals = {}
     for dtype in ("float32", "bfloat16"):
-        result = evaluate(cfg.model.model_name_or_path, adapters=[adapters["fp32"][0]], data_dir=data_dir,
-                          output=output / f"eval_{dtype}", mode="rank", limit=limit, batch_size=batch_size,
-                          dtype=dtype, include_base=False, overwrite=True)
-        evals[dtype] = (result, _predictions(output / f"eval_{dtype}", adapters["fp32"][0].name))
+        # the base and both adapters, scored together as the pipeline does (bf16 LoRA products
+        # on a bf16 base: eval_harness.multimodel)
+        result = evaluate(cfg.model.model_name_or_path, adapters=[adapters["fp32"][0], adapters["bf16"][0]],
+                          data_dir=data_dir, output=output / f"eval_{dtype}", mode="rank", limit=limit,
+                          batch_size=batch_size, dtype=dtype, include_base=True, overwrite=True,
+                          template=cfg.data.prompt_template)
+        evals[dtype] = (result, _predictions(output / f"eval_{dtype}", list(result.models)))
     p32, p16 = evals["float32"][1], evals["bfloat16"][1]
     same = sum(p32[k] == p16.get(k) for k in p32)
     model = adapters["fp32"][0].name

@@ -314,6 +314,28 @@ def test_multi_lora_linear_is_each_members_lora():
         same(torch.ones(3, 6))
 
 
+def test_multi_lora_linear_compute_dtype_on_a_bfloat16_base(monkeypatch):
+    """Default: PEFT's layer (the bf16 input cast to the float32 factors, the sum cast back);
+    ``compute_dtype=bfloat16``: both products in bf16, within bf16 rounding of that."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    a, b = [torch.randn(8, 64) for _ in range(2)], [torch.randn(32, 8) for _ in range(2)]
+    x = torch.randn(2 * 3, 5, 64).to(torch.bfloat16)
+    seen, bmm = [], torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda p, q: seen.append((p.dtype, q.dtype)) or bmm(p, q))
+    with torch.no_grad():
+        exact = MultiLoraLinear(base, a, b, scaling=0.5).eval()(x)
+        assert seen == [(torch.float32, torch.float32)] * 2
+        fast = MultiLoraLinear(base, a, b, scaling=0.5, compute_dtype=torch.bfloat16).eval()(x)
+        assert seen[2:] == [(torch.bfloat16, torch.bfloat16)] * 2
+        for m in range(2):
+            xm = x[3 * m:3 * m + 3]
+            peft = (base(xm).float() + 0.5 * (xm.float() @ a[m].T) @ b[m].T).to(torch.bfloat16)
+            torch.testing.assert_close(exact[3 * m:3 * m + 3], peft, rtol=0.01, atol=0.01)
+            torch.testing.assert_close(fast[3 * m:3 * m + 3], peft, rtol=0.03, atol=0.1)
+    assert exact.dtype == fast.dtype == torch.bfloat16
+
+
 def test_keep_mask_has_the_rate_and_independence_of_bernoulli_draws():
     torch.manual_seed(0)
     n = 400_000

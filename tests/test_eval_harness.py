@@ -14,7 +14,7 @@ import torch
 
 from eval_harness import evaluate, extract_answer, metric_path
 from eval_harness.data import load_suite
-from eval_harness.scoring import candidate_labels, generate_responses, rank_scores
+from eval_harness.scoring import _split_pairs, candidate_labels, generate_responses, rank_scores
 from eval_harness.suites import SUITES, TABLE_COLUMNS
 from poc_lora.cli import main as cli_main
 from poc_lora.data.synthetic import write_synthetic_commonsense
@@ -251,6 +251,13 @@ def test_generate_is_batch_size_invariant(env, plain):
 def test_rank_scores_match_an_independent_full_forward(env, plain):
     model, tok = plain
     prompts, cands = _prompts(env)
+    # labels with a longer common prefix ("option"): in a batch with the others, the rows score
+    # different numbers of shared completion tokens in the shared pass
+    prompts.insert(1, prompts[0])
+    cands.insert(1, ["option A", "option B"])
+    counts = {_split_pairs(tok, [(p, f"the correct answer is {c}") for c in cs], True).scored
+              for p, cs in zip(prompts, cands)}
+    assert len(counts) > 1 and min(counts) > 0
     got = rank_scores(model, tok, prompts, cands, batch_size=4)
     single = rank_scores(model, tok, prompts, cands, batch_size=1)
     for prompt, labels, scores, scores1 in zip(prompts, cands, got, single):

@@ -66,10 +66,10 @@ def _rows(out, key, suite):
     return [json.loads(line) for line in (out / key / suite / "predictions.jsonl").read_text().splitlines()]
 
 
-def _run(env, layers, mode, batch_models, out):
+def _run(env, layers, mode, batch_models, out, dtype="auto"):
     adapters, merged = env["sets"][layers]
     return evaluate(str(env["base"]), adapters, merged, data_dir=env["data"], output=out, tasks=TASKS, mode=mode,
-                    limit=6, batch_size=4, include_base=True, batch_models=batch_models)
+                    limit=6, batch_size=4, include_base=True, batch_models=batch_models, dtype=dtype)
 
 
 @pytest.mark.parametrize("layers,mode", [("upper", "rank"), ("upper", "choice"), ("all", "rank"), ("all", "choice")])
@@ -96,6 +96,28 @@ def test_many_models_equal_one_by_one(env, layers, mode, monkeypatch):
             summary = json.loads((root / "together" / key / suite / "summary.json").read_text())
             alone = json.loads((root / "alone" / key / suite / "summary.json").read_text())
             assert summary["settings"] == alone["settings"] and summary["accuracy"] == alone["accuracy"]
+
+
+def test_bfloat16_base_many_models_as_close_to_float32_as_one_by_one(env):
+    # On a bf16 base the models' LoRA products run in bf16 (PEFT's layer: in float32). Against
+    # the float32 scores, the together-run's error stays of the size of PEFT's own bf16 error.
+    root = env["root"] / "bf16"
+    _run(env, "all", "rank", True, root / "together", dtype="bfloat16")
+    _run(env, "all", "rank", False, root / "alone", dtype="bfloat16")
+    _run(env, "all", "rank", False, root / "fp32", dtype="float32")
+
+    def error(key, suite, run):
+        got, want = _rows(root / run, key, suite), _rows(root / "fp32", key, suite)
+        return max(abs(g["scores"][c] - w["scores"][c]) for g, w in zip(got, want) for c in w["scores"])
+
+    same = total = 0
+    for suite in TASKS.split(","):
+        for key in MODELS:
+            assert 0 < error(key, suite, "together") <= 3 * error(key, suite, "alone"), (key, suite)
+            got, want = _rows(root / "together", key, suite), _rows(root / "fp32", key, suite)
+            same += sum(g["prediction"] == w["prediction"] for g, w in zip(got, want))
+            total += len(got)
+    assert same >= 0.95 * total
 
 
 def test_resume_after_a_together_run_recomputes_nothing(env, monkeypatch):
