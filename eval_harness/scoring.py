@@ -278,10 +278,9 @@ def _split_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], score_from_sh
     joint likelihoods given a common context), and extend the shared part over the continuation
     tokens all candidates have in common, which are then scored once, in the shared pass,
     instead of once per candidate; else only each candidate's continuation tokens (choice mode,
-    lm-evaluation-harness's ``loglikelihood``). When the
-    candidates share no token at all (no BOS, contexts that differ from the first token), every
-    candidate is given the BOS (else EOS) token as context, as lm-evaluation-harness does for an
-    empty context.
+    lm-evaluation-harness's ``loglikelihood``). When the candidates share no token at all (no
+    BOS, contexts that differ from the first token), every candidate is given the BOS (else EOS)
+    token as context, as lm-evaluation-harness does for an empty context.
     """
     contexts = sorted({c for c, _ in pairs})
     context_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"]))
@@ -356,8 +355,8 @@ def _score_splits(model: Any, tokenizer: Any, split: Sequence[_Split], batch_siz
     fitted = [dataclasses.replace(s, shared=fit_context(s.shared, context, max(map(len, s.rest)), tokenizer.bos_token_id))
               for s in split]
     if any(s.scored >= len(s.shared) for s in fitted):
-        raise ConfigError(f"the model's context of {context} tokens leaves no room for the prompt before the "
-                          "candidates' common completion tokens")
+        raise ConfigError(f"the model's context (max_position_embeddings: {context} tokens) leaves no room for "
+                          "the prompt before the candidates' common completion tokens")
     _report_truncated([i for i, (a, b) in enumerate(zip(split, fitted)) if len(a.shared) != len(b.shared)],
                       len(split), context, truncated)
     split = fitted
