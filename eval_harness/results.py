@@ -51,6 +51,12 @@ class SuiteResult:
     # prompts left-truncated to fit the model's context (eval_harness.scoring's rule); 0 in older files
     truncated_prompts: int = 0
     acc_norm: float | None = None  # choice mode: lm-evaluation-harness's length-normalised accuracy
+    # rank and choice modes: calibration of the option softmax (eval_harness.calibration); None in
+    # generate mode and in files of earlier releases
+    nll: float | None = None
+    brier: float | None = None
+    ece: float | None = None
+    confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -64,7 +70,7 @@ class SuiteResult:
 class ModelResult:
     """One model (base, adapter or merged adapter) on every suite; ``average`` over the suites."""
 
-    kind: str  # base | adapter | merged
+    kind: str  # base | adapter | merged | ensemble (the members' output ensemble, M forward passes)
     adapter: str | None
     template: str
     template_source: str
@@ -72,6 +78,11 @@ class ModelResult:
     average: float
     unparsed: int
     average_norm: float | None = None  # choice mode: the suites' mean acc_norm
+    # rank and choice modes: the suites' mean of each calibration metric (SuiteResult's)
+    nll: float | None = None
+    brier: float | None = None
+    ece: float | None = None
+    confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -86,6 +97,26 @@ class ModelResult:
 
 
 @dataclass
+class EnsembleResult:
+    """The output ensemble of the evaluated adapters (:mod:`eval_harness.ensemble`) and the
+    distance of every other model to it; fractions and nats, per suite and averaged over suites."""
+
+    key: str  # its model key in ``EvalResult.models`` (and output sub-directory)
+    label: str  # "LoRA ensemble (M = 4, M forward passes)"
+    members: list[str]  # the adapters' model keys, in member order (the vote's tie order)
+    disagreement: dict[str, float]  # per suite, the members' mean pairwise disagreement; "average" too
+    # model key -> {"agreement": {suite: fraction, "average": ...}, "kl": {suite: nats, "average": ...} or None}
+    distances: dict[str, dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "ensemble result") -> "EnsembleResult":
+        return cls(**_fields(cls, data, where))
+
+
+@dataclass
 class EvalResult:
     """An evaluation run (``summary.json``): every model, the table, the files, the timing."""
 
@@ -97,6 +128,8 @@ class EvalResult:
     table: list[dict[str, Any]]
     files: dict[str, str]
     seconds: dict[str, float]
+    ensemble: EnsembleResult | None = None  # when two or more adapters were evaluated with ensemble=True
+    calibration_table: list[dict[str, Any]] = field(default_factory=list)  # rank/choice: NLL, Brier, ECE rows
 
     def to_dict(self) -> dict[str, Any]:
         """The ``summary.json`` layout."""
@@ -109,6 +142,8 @@ class EvalResult:
         """Read the ``summary.json`` layout; raises :class:`OutputError` naming ``where`` if it is not one."""
         values = _fields(cls, data, where)
         values["models"] = {k: ModelResult.from_dict(m, where) for k, m in values["models"].items()}
+        if values.get("ensemble") is not None:
+            values["ensemble"] = EnsembleResult.from_dict(values["ensemble"], where)
         return cls(**values)
 
     @classmethod
@@ -124,4 +159,4 @@ class EvalResult:
         return cls.from_dict(data, str(path))
 
 
-__all__ = ["EvalResult", "ModelResult", "SuiteResult"]
+__all__ = ["EnsembleResult", "EvalResult", "ModelResult", "SuiteResult"]

@@ -45,21 +45,22 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 from poc_lora.config import CHOICE_FORMATS, EVAL_MODES, EvalArguments
-from poc_lora.stages import differing_keys, stage_problems, write_stage
+from poc_lora.stages import differing_keys, stage_problems
 
 from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile, sha256_file
-from poc_lora.data.suites import AVERAGE_COLUMN, TABLE_COLUMNS, Suite, parse_tasks
+from poc_lora.data.suites import TABLE_COLUMNS, Suite, parse_tasks
 from poc_lora.data.templates import TEMPLATE_RECORD_FILE, get_template, template_hash
 from poc_lora.errors import AdapterError, ConfigError, DataError, OutputError
 from poc_lora.models import float32_logits, load_model, load_tokenizer
-from poc_lora.outputs import atomic_write_text, write_json
-from poc_lora.report import accuracy_percentages, comparison_rows, markdown_table, write_table
+from poc_lora.outputs import write_json
+from poc_lora.report import markdown_table, write_table
 
 from .choice import choice_predictions, choice_request
 from .data import AVAILABLE, available_suites, load_suite, suite_file
-from .metrics import load_metric
 from .multimodel import MultiModel, Unsupported, build_multi_model
 from .results import EvalResult, ModelResult, SuiteResult
+from .summary import (CALIBRATION_COLUMNS, add_ensemble, calibration_table, distance_table, model_result,
+                      results_table, write_pair)
 from .scoring import (CANDIDATE_FORMAT, candidate_labels, continuation_logprobs, extract_answer, generate_responses,
                       rank_prediction, rank_scores)
 
@@ -71,7 +72,6 @@ DEFAULTS = EvalArguments()
 # Used when an adapter records no template and none is given: the reference scorer's exact
 # strings, which is what adapters trained with the reference implementation (the paper's) expect.
 DEFAULT_TEMPLATE = "llm-adapters"
-KIND_LABELS = {"base": "Base model", "adapter": "LoRA", "merged": "Merged"}
 
 
 @dataclass
@@ -350,7 +350,8 @@ def _run_pairs(model: Any, holder: "_ModelHolder", specs: Sequence[ModelSpec], s
     seconds = (time.perf_counter() - t0) / len(specs)
     out: dict[str, SuiteResult] = {}
     for spec, rows in zip(specs, per_spec):
-        summary = _write_pair(output / spec.key / suite.name, spec, suite, rows, settings[spec.key], seconds)
+        summary = write_pair(output / spec.key / suite.name, spec.key, spec.kind, suite, rows, settings[spec.key],
+                             seconds)
         if summary.truncated_prompts and suite.name not in warned:
             warned.add(suite.name)
             logger.warning("%s: %d of %d prompts are longer than the model's context minus the completion; they "
@@ -359,48 +360,6 @@ def _run_pairs(model: Any, holder: "_ModelHolder", specs: Sequence[ModelSpec], s
         logger.info("%s/%s: accuracy %.4f", spec.key, suite.name, summary.accuracy)
         out[spec.key] = summary
     return out
-
-
-def _write_pair(pair_dir: Path, spec: ModelSpec, suite: Suite, rows: list[dict[str, Any]],
-                settings: dict[str, Any], seconds: float) -> SuiteResult:
-    atomic_write_text(pair_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    # The commonsense_accuracy metric scores the generated texts (rank mode: the predicted label
-    # words, which it extracts unchanged), so the harness and evaluate users share one rule.
-    scored = load_metric(suite.name).compute(
-        predictions=[r["generated"] if "generated" in r else r["prediction"] for r in rows],
-        references=[r["label"] for r in rows],
-    )
-    summary = SuiteResult(
-        model=spec.key,
-        kind=spec.kind,
-        suite=suite.name,
-        n=len(rows),
-        correct=scored["correct"],
-        accuracy=scored["accuracy"],
-        unparsed=scored["unparsed"],
-        seconds=round(seconds, 3),
-        examples_per_second=round(len(rows) / seconds, 3) if seconds > 0 else None,
-        settings=settings,
-        truncated_prompts=sum(bool(r.get("prompt_truncated")) for r in rows),
-        acc_norm=sum(r["correct_norm"] for r in rows) / len(rows) if rows and "correct_norm" in rows[0] else None,
-    )
-    write_json(pair_dir / "summary.json", summary.to_dict())
-    write_stage(pair_dir, "eval", settings, files=["predictions.jsonl", "summary.json"])  # last: the pair is done
-    return summary
-
-
-def _table(models: dict[str, ModelResult], suites: list[Suite]) -> list[dict[str, Any]]:
-    pct = {key: accuracy_percentages({s.column: m.suites[s.name].accuracy for s in suites}, m.average,
-                                     AVERAGE_COLUMN)
-           for key, m in models.items()}
-    rows = [{"Method": KIND_LABELS[m.kind], "Model": key, **pct[key]} for key, m in models.items()]
-    singles = [k for k, m in models.items() if m.kind == "adapter"]
-    merges = [k for k, m in models.items() if m.kind == "merged"]
-    if singles and merges:
-        labels = {k: "PoC merge" if len(merges) == 1 else f"PoC merge ({k})" for k in merges}
-        columns = [s.column for s in suites] + [AVERAGE_COLUMN]
-        rows += comparison_rows({k: pct[k] for k in singles + merges}, columns, labels, AVERAGE_COLUMN)
-    return rows
 
 
 def evaluate(
@@ -423,6 +382,7 @@ def evaluate(
     load_in_4bit: bool = False,
     overwrite: bool = False,
     batch_models: bool = DEFAULTS.batch_models,
+    ensemble: bool = DEFAULTS.ensemble,
 ) -> EvalResult:
     """Evaluate ``base_model`` alone and/or with each adapter and merged adapter; write the results.
 
@@ -452,6 +412,14 @@ def evaluate(
             bases, ...; logged) and generate mode evaluate one model at a time. Each pair's
             ``seconds`` is then the suite's wall time divided by the number of models scored
             together.
+        ensemble: with two or more ``adapters``, also write their output ensemble as the model
+            ``lora-ensemble`` ("LoRA ensemble (M = ..., M forward passes)"), built from their
+            prediction rows without a forward pass (:mod:`eval_harness.ensemble`), and every
+            other model's distance to it (``EvalResult.ensemble``).
+
+    Rank and choice modes also give each model's calibration (NLL, Brier, ECE, confidence of the
+    option softmax, :mod:`eval_harness.calibration`) per suite and averaged, and write
+    ``calibration.md|csv``.
 
     Returns:
         An :class:`~eval_harness.results.EvalResult` (``to_dict()`` is what ``summary.json``
@@ -526,19 +494,16 @@ def evaluate(
             model = holder.get(spec, index)
             summaries[suite.name] = _run_pairs(model, holder, [spec], suite, data[suite.name], output,
                                                settings[suite.name], opts, warned)[spec.key]
-        models[spec.key] = ModelResult(
-            kind=spec.kind,
-            adapter=str(spec.adapter) if spec.adapter else None,
-            template=spec.template.name,
-            template_source=spec.template_source,
-            suites=summaries,
-            average=sum(s.accuracy for s in summaries.values()) / len(summaries),
-            unparsed=sum(s.unparsed for s in summaries.values()),
-            average_norm=(sum(s.acc_norm for s in summaries.values()) / len(summaries)
-                          if all(s.acc_norm is not None for s in summaries.values()) else None),
-        )
-    rows = _table(models, suites)
+        models[spec.key] = model_result(spec.kind, str(spec.adapter) if spec.adapter else None, spec.template.name,
+                                        spec.template_source, summaries)
+    ens = add_ensemble(output, models, suites, mode) if ensemble else None
+    rows = results_table(models, suites, ens)
     md, csv = write_table(output / "results", ["Method", "Model", *TABLE_COLUMNS], rows)
+    files = {"summary": str(output / "summary.json"), "results_md": str(md), "results_csv": str(csv)}
+    cal_rows = calibration_table(models, ens)
+    if cal_rows:
+        cal_md, cal_csv = write_table(output / "calibration", CALIBRATION_COLUMNS, cal_rows, floatfmt=".4f")
+        files.update(calibration_md=str(cal_md), calibration_csv=str(cal_csv))
     result = EvalResult(
         mode=mode,
         base_model=base_model,
@@ -546,8 +511,10 @@ def evaluate(
         tasks=[s.name for s in suites],
         models=models,
         table=rows,
-        files={"summary": str(output / "summary.json"), "results_md": str(md), "results_csv": str(csv)},
+        files=files,
         seconds={"model_loading": round(holder.load_seconds, 3), "total": round(time.perf_counter() - start, 3)},
+        ensemble=ens,
+        calibration_table=cal_rows,
     )
     write_json(output / "summary.json", result.to_dict())
     return result
@@ -574,7 +541,16 @@ def main_eval(args: argparse.Namespace) -> int:
         load_in_4bit=args.load_in_4bit,
         overwrite=args.overwrite,
         batch_models=getattr(args, "batch_models", DEFAULTS.batch_models),
+        ensemble=getattr(args, "ensemble", DEFAULTS.ensemble),
     )
     print(markdown_table(["Method", "Model", *TABLE_COLUMNS], result.table))
+    if result.calibration_table:
+        print("\nCalibration (option softmax; NLL in nats, Brier and ECE as fractions, accuracy and confidence in %):")
+        print(markdown_table(CALIBRATION_COLUMNS, result.calibration_table, floatfmt=".4f"))
+    if result.ensemble:
+        print(f"\nDistance to the {result.ensemble.label} (members' mean pairwise disagreement "
+              f"{100 * result.ensemble.disagreement['average']:.2f} %):")
+        print(markdown_table(["Model", "Agreement with ensemble (%)", "KL(ensemble ‖ model)"],
+                             distance_table(result.ensemble), floatfmt=".4f"))
     print(f"\nresults: {result.files['results_md']}, {result.files['summary']}")
     return 0

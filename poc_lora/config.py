@@ -211,6 +211,10 @@ class EvalArguments:
         "help": "rank/choice modes: score all models together, one suite at a time (each prompt read once, the "
                 "layers below the first adapted layer shared, results equal to one by one); false: one model "
                 "at a time (generate mode always is)"})
+    ensemble: bool = field(default=True, metadata={
+        "help": "with two or more adapters, also report their output ensemble (rank/choice: mean of the members' "
+                "option softmax; generate: majority vote), built from their predictions without a forward pass, "
+                "and each model's agreement and KL to it"})
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in EVAL_MODES]

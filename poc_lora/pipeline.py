@@ -31,8 +31,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import time
@@ -40,23 +38,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from eval_harness.data import load_suite
 from eval_harness.results import EvalResult
 from eval_harness.runner import evaluate
-from eval_harness.scoring import candidate_labels
-from eval_harness.suites import AVERAGE_COLUMN, SUITES
+from eval_harness.suites import SUITES
 
 from .cards import add_evaluation_cards
 from .config import TRAIN_SECTIONS, KeyParser, _RaisingParser, load_config, read_yaml, section_class
 from .data.instructions import synthetic_test_dir, validation_data_dir
 from .data.synthetic import SYNTHETIC_DATA
 from .ensemble import train_ensemble
-from .errors import AdapterError, ConfigError, OutputError
+from .errors import ConfigError, OutputError
 from .merge import merge_adapters
 from .mfnn.experiments import run_figure1
 from .models import TINY_MODEL_ID
-from .outputs import atomic_write_text, write_json
-from .report import accuracy_percentages, comparison_rows, markdown_table, plot_grouped_bars
+from .pipeline_report import PipelineReport, _adapter_rank, _label, chance_levels, write_report  # noqa: F401 (re-exported)
+from .report import markdown_table
 from .stages import changed_settings, clear_stage, is_current, stage_hash, write_stage
 from .runtime import release_memory
 from .merge.methods import get_method, method_names, resolve_parameters
@@ -65,13 +61,15 @@ from .merge.serving import parse_serve_rank
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# What the report shows; a change makes every earlier report stale (2: calibration, ensemble, reliability.png).
+REPORT_LAYOUT = 2
 
 
 # The pipeline command's keys: its own sections (the eval keys it uses), then every training key.
 PIPELINE_SECTIONS = (("pipeline", None),
                      ("merge", ("methods", "rank", "seed", "density", "majority_sign_method", "serve_rank")),
                      ("eval", ("data_dir", "tasks", "mode", "choice_format", "limit", "batch_size", "num_beams",
-                               "include_base", "batch_models")))
+                               "include_base", "batch_models", "ensemble")))
 # Keys of the flat pipeline YAMLs of earlier releases -> their key now.
 LEGACY_KEYS = {
     "merge_methods": "merge.methods", "merge_rank": "merge.rank", "merge_seed": "merge.seed",
@@ -217,48 +215,6 @@ class PipelineConfig:
         }
 
 
-@dataclass
-class PipelineReport:
-    """What :func:`run_pipeline` returns; ``to_dict()`` is ``report.json`` (``from_dict``/``load``
-    read it back, including reports written by earlier releases). Accuracies are in %."""
-
-    config: dict[str, Any]  # PipelineConfig.to_dict()
-    columns: list[str]  # suite columns + the average
-    table: list[dict[str, Any]]  # the paper's rows: Base model, LoRA (best), LoRA (ave.), PoC merge, variants
-    adapters: list[dict[str, Any]]  # one row per adapter
-    merge_spread: dict[str, float | None]  # per merge method, the adapters' mean pairwise relative distance
-    what: str  # what was run, e.g. "synthetic suites, tiny model, rank-mode scoring"
-    chance: dict[str, float]  # uniform guess per column
-    eval_summary: str  # the evaluation's summary.json
-    seconds: dict[str, float]  # wall time per stage
-    files: dict[str, str]  # report_md, report_png, results_csv
-    # The same rows in the other scorings: "<mode>" for each further eval mode, "<mode> acc_norm"
-    # for choice mode's length-normalised accuracy (absent in reports of earlier releases).
-    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "pipeline report") -> "PipelineReport":
-        fields = dataclasses.fields(cls)
-        missing = [f.name for f in fields if f.name not in data and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise OutputError(f"{where}: not a pipeline report (missing {', '.join(missing)})")
-        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "PipelineReport":
-        """Read a ``report.json``; raises :class:`OutputError` naming the file if it is not one."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise OutputError(f"cannot read the pipeline report {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise OutputError(f"{path}: not a pipeline report")
-        return cls.from_dict(data, str(path))
-
-
 def _eval_data_dir(cfg: PipelineConfig, train_cfg: Any) -> Path:
     """eval.data_dir; else the validation split of the training data (validation_split); else the
     synthetic suites' test sets (written on demand)."""
@@ -306,24 +262,6 @@ def _merge_stage(cfg: PipelineConfig, adapters: list[Path], out: Path, overwrite
     return merges
 
 
-def _adapter_rank(adapter: Path) -> int:
-    path = adapter / "adapter_config.json"
-    try:
-        return int(json.loads(path.read_text())["r"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AdapterError(f"cannot read the LoRA rank 'r' from {path}: {exc}") from None
-
-
-def _label(method: str, merged: Path) -> str:
-    """The report label of the merge in ``merged`` (the method registry's), with the rank of the
-    adapter written there and the parameters its ``merge_report.json`` records."""
-    try:
-        params = json.loads((merged / "merge_report.json").read_text()).get("params") or {}
-    except (OSError, ValueError):
-        params = {}
-    return get_method(method).row_label(_adapter_rank(merged), **params)
-
-
 def eval_dtype(train_cfg: Any) -> str:
     """The dtype the pipeline evaluates in: bfloat16 when the adapters were trained with bf16
     autocast (``bf16: auto`` on a CPU or GPU with native bf16), else the base model's dtype."""
@@ -362,39 +300,21 @@ def _eval_stage(cfg: PipelineConfig, mode: str, base_model: str, adapters: list[
         # member above the shared trunk, where evaluating it alone afterwards costs a whole pass
         evaluate(base_model, [p for p, k in stale if k == "adapter"], [p for p, k in stale if k == "merged"],
                  include_base=bool(cfg.eval.include_base and cfg.eval.batch_models and mode != "generate"),
-                 overwrite=True, **common)
+                 overwrite=True, ensemble=False, **common)  # the ensemble of all adapters: below
         for p, _ in stale:
             write_stage(out / p.name, "eval", settings[p])
     else:
         logger.info("evaluation: all %d models up to date", len(models))
-    collected = {**shared, "models": {str(p): stage_hash(out / p.name) for p, _ in models}}
+    collected = {**shared, "models": {str(p): stage_hash(out / p.name) for p, _ in models},
+                 **({"ensemble": True} if cfg.eval.ensemble else {})}  # only when on: older results stay current
     if not stale and is_current(out, collected) and (out / "summary.json").is_file():
         return EvalResult.load(out / "summary.json")
     # The base model (when asked for) is evaluated here, once: its results are keyed by the
     # evaluation settings alone, so the runner's own per-pair check decides whether it is current.
     result = evaluate(base_model, adapters, list(merges.values()), include_base=cfg.eval.include_base or None,
-                      overwrite=False, **common)
+                      overwrite=False, ensemble=cfg.eval.ensemble, **common)
     write_stage(out, "eval", collected, files=["summary.json", "results.md", "results.csv"])
     return result
-
-
-# Above this mean pairwise relative distance the adapters' updates are closer to orthogonal than
-# to equal; when such a merge underperforms, that is the first thing to look at.
-FAR_APART_SPREAD = 0.5
-
-
-def _spread_line(spreads: dict[str, Any]) -> str:
-    """The adapters' spread from the merge report, with what it means for the merge."""
-    spread = spreads.get("poc", next(iter(spreads.values()), None)) if spreads else None
-    if spread is None:
-        return ""
-    line = f"Spread of the adapters (mean pairwise relative distance of their ΔW; 0 = identical): {spread:.3f}."
-    if spread >= FAR_APART_SPREAD:
-        line += (" The adapters are far apart: if the merge falls short of the single adapters, this is"
-                 " the likely cause (they did not land in one basin: the paper's λ = 0 / one-epoch"
-                 " failure mode). More training, a higher temperature, or a base model that already"
-                 " solves more of the task bring them together.")
-    return line
 
 
 def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: EvalResult) -> str:
@@ -412,118 +332,6 @@ def _what_was_run(cfg: PipelineConfig, out: Path, evaluation: EvalResult) -> str
         "tiny model" if model == TINY_MODEL_ID else f"model {model}",
         f"{evaluation.mode}-mode scoring" + (f" (also {', '.join(cfg.eval.modes[1:])})" if cfg.eval.modes[1:] else ""),
     ])
-
-
-def chance_levels(data_dir: str | os.PathLike, suites: Sequence[str], limit: int | None) -> dict[str, float]:
-    """Per suite, the accuracy in % of a uniform guess among each question's options (the
-    labels the rank scorer chooses from), averaged over the evaluated questions."""
-    chance = {}
-    for name in suites:
-        records = load_suite(data_dir, name, limit)
-        chance[name] = 100 * sum(1 / len(candidate_labels(name, r["instruction"])) for r in records) / len(records)
-    return chance
-
-
-def _rows(evaluation: EvalResult, merges: dict[str, Path], adapters: list[Path], norm: bool = False
-          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The paper's rows (Base model, LoRA (best), LoRA (ave.), merges) and one row per adapter,
-    in %, from one evaluation (``norm``: choice mode's acc_norm instead of the accuracy)."""
-    suites = evaluation.tasks
-    columns = [SUITES[s].column for s in suites] + [AVERAGE_COLUMN]
-    by_path = {Path(m.adapter).resolve(): key for key, m in evaluation.models.items() if m.adapter}
-    acc = {key: accuracy_percentages({SUITES[s].column: (m.suites[s].acc_norm if norm else m.suites[s].accuracy)
-                                      for s in suites}, m.average_norm if norm else m.average, AVERAGE_COLUMN)
-           for key, m in evaluation.models.items()}
-    # the paper's merge and its variants first, the baselines (soup, ties, dare_*) under them
-    ordered = sorted(merges.items(), key=lambda kv: get_method(kv[0]).title != "PoC merge")
-    merge_keys = {by_path[p.resolve()]: _label(meth, p) for meth, p in ordered}
-    singles = {by_path[a.resolve()] for a in adapters}
-    base = [k for k, m in evaluation.models.items() if m.kind == "base"]
-    base_rows = [{"Method": "Base model", **acc[k], "Model": k} for k in base]
-    acc = {k: v for k, v in acc.items() if k in singles or k in merge_keys}
-    rows = base_rows + comparison_rows(acc, columns, merge_keys, AVERAGE_COLUMN)
-    return rows, [{"Method": f"LoRA {k}", **acc[k], "Model": k} for k in sorted(singles)]
-
-
-def _other_tables(evaluations: dict[str, EvalResult], merges: dict[str, Path], adapters: list[Path]
-                  ) -> dict[str, list[dict[str, Any]]]:
-    """The report's further tables: choice mode's acc_norm, and each further mode's accuracy."""
-    tables = {}
-    for k, (mode, evaluation) in enumerate(evaluations.items()):
-        if k:
-            tables[mode] = _rows(evaluation, merges, adapters)[0]
-        if mode == "choice":
-            tables[f"{mode} acc_norm"] = _rows(evaluation, merges, adapters, norm=True)[0]
-    return tables
-
-
-def _table_title(name: str) -> str:
-    """``"rank"`` -> "Scored in rank mode"; ``"choice acc_norm"`` -> "... choice mode, acc_norm ..."."""
-    mode, _, metric = name.partition(" ")
-    return f"Scored in {mode} mode" + (", acc_norm (lm-evaluation-harness's length-normalised accuracy)"
-                                       if metric else "")
-
-
-def _report(cfg: PipelineConfig, out: Path, evaluations: dict[str, EvalResult], merges: dict[str, Path],
-            adapters: list[Path], timing: dict[str, float]) -> "PipelineReport":
-    """report.md / report.json / report.png from the evaluations' per-model accuracies (the first
-    mode's table first; the other modes' and choice mode's acc_norm below it)."""
-
-    evaluation = next(iter(evaluations.values()))
-    suites = evaluation.tasks
-    columns = [SUITES[s].column for s in suites] + [AVERAGE_COLUMN]
-    what = _what_was_run(cfg, out, evaluation)
-    chance = chance_levels(evaluation.data_dir, suites, cfg.eval.limit)
-    chance_row = {**{SUITES[s].column: chance[s] for s in suites}, AVERAGE_COLUMN: sum(chance.values()) / len(suites)}
-    rows, per_adapter = _rows(evaluation, merges, adapters)
-    tables = _other_tables(evaluations, merges, adapters)
-    spreads = {}
-    for meth, p in merges.items():
-        rep = json.loads((p / "merge_report.json").read_text())
-        spreads[meth] = rep.get("overall", {}).get("spread")
-    table_cols = ["Method", *columns]
-    md = [
-        f"# poc-lora pipeline report: {what}",
-        "",
-        f"{len(adapters)} adapters (seeds seed+j), merged with {', '.join(cfg.merge.methods)}; "
-        f"evaluation mode `{evaluation.mode}` on {len(suites)} suites "
-        f"({'first ' + str(cfg.eval.limit) if cfg.eval.limit else 'all'} examples each). Accuracy in %; "
-        f"chance is a uniform guess among each question's options.",
-        "",
-        markdown_table(table_cols, [*rows, {"Method": "Chance", **chance_row}]),
-        "",
-        *[line for name, table in tables.items()
-          for line in (f"## {_table_title(name)}", "", markdown_table(table_cols, table), "")],
-        "## Every adapter",
-        "",
-        markdown_table(table_cols, per_adapter),
-        "",
-        _spread_line(spreads),
-        "",
-        f"Wall time: {', '.join(f'{k} {v:.1f} s' for k, v in timing.items())}.",
-        "",
-    ]
-    atomic_write_text(out / "report.md", "\n".join(md))
-    series = {r["Method"]: [r[c] for c in columns] for r in rows}
-    png = plot_grouped_bars(columns, series, out / "report.png", ylabel="accuracy (%)",
-                            title=f"Single adapters vs. their merge ({what})",
-                            reference=[chance_row[c] for c in columns], reference_label="chance")
-    report = PipelineReport(
-        config=cfg.to_dict(),
-        columns=columns,
-        table=rows,
-        adapters=per_adapter,
-        merge_spread=spreads,
-        what=what,
-        chance=chance_row,
-        eval_summary=evaluation.files["summary"],
-        seconds=timing,
-        files={"report_md": str(out / "report.md"), "report_png": str(png),
-               "results_csv": evaluation.files["results_csv"]},
-        tables=tables,
-    )
-    write_json(out / "report.json", report.to_dict())
-    return report
 
 
 def run_pipeline(
@@ -588,11 +396,13 @@ def run_pipeline(
         report_settings[f"models_{mode}"] = {str(p): stage_hash(eval_dir / p.name)
                                              for p in [*adapters, *merges.values()]}
     report_settings["config"].pop("output_dir")
+    report_settings["layout"] = REPORT_LAYOUT
     if is_current(out, report_settings) and (out / "report.json").is_file() and not overwrite:
         logger.info("stage 4/4: report up to date (%s)", out / "report.md")
         return PipelineReport.load(out / "report.json")
     logger.info("stage 4/4: writing the report")
-    report = _report(cfg, out, evaluations, merges, adapters, timing)
+    report = write_report(out, evaluations, merges, adapters, timing, config=cfg.to_dict(),
+                          what=_what_was_run(cfg, out, evaluation), methods=cfg.merge.methods, limit=cfg.eval.limit)
 
     add_evaluation_cards(evaluation, report.columns, report.table, {s: SUITES[s].column for s in SUITES})
     write_stage(out, "report", report_settings, files=["report.md", "report.png", "report.json"])
@@ -602,6 +412,14 @@ def run_pipeline(
 def _print_report(report: PipelineReport, title: str) -> None:
     print(f"\n## {title}\n")
     print(markdown_table(["Method", *report.columns], report.table))
+    if report.calibration:
+        print("\n## Calibration (option softmax, mean over suites: accuracy and confidence in %, NLL in nats)\n")
+        print(markdown_table(list(report.calibration[0]), report.calibration, floatfmt=".4f"))
+    if report.ensemble and report.ensemble["distances"]:
+        ens = report.ensemble
+        print(f"\n## Distance to the {ens['label']} (members' mean pairwise disagreement "
+              f"{100 * ens['disagreement']['average']:.2f} %)\n")
+        print(markdown_table(list(ens["distances"][0]), ens["distances"], floatfmt=".4f"))
 
 
 def main_pipeline(config: str | os.PathLike | PipelineConfig, output: str | None, overrides: Sequence[str] = (),

@@ -99,6 +99,7 @@ def comparison_rows(
     columns: Sequence[str],
     merges: Mapping[str, str] | None = None,
     average_key: str = "Ave.",
+    ensemble: tuple[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Build the paper's rows from per-model accuracies.
 
@@ -106,9 +107,12 @@ def comparison_rows(
     Models named in ``merges`` (name -> row label, e.g. ``{"merged": "PoC merge"}``) get one
     row each; the others are the single adapters, summarised as "LoRA (best)" (the adapter
     with the best average, reported on every column) and "LoRA (ave.)" (column-wise mean).
+    ``ensemble`` (name, row label) is the adapters' output ensemble: its row follows
+    "LoRA (ave.)", before the merges.
     """
     merges = dict(merges or {})
-    singles = {k: v for k, v in accuracies.items() if k not in merges}
+    ens_name = ensemble[0] if ensemble else None
+    singles = {k: v for k, v in accuracies.items() if k not in merges and k != ens_name}
     rows: list[dict[str, Any]] = []
     if singles:
         best_name = max(singles, key=lambda k: singles[k][average_key])
@@ -120,6 +124,8 @@ def comparison_rows(
                 "Model": f"mean of {len(singles)}",
             }
         )
+    if ensemble and ensemble[0] in accuracies:
+        rows.append({"Method": ensemble[1], **{c: accuracies[ensemble[0]][c] for c in columns}, "Model": ensemble[0]})
     for name, label in merges.items():
         if name in accuracies:
             rows.append({"Method": label, **{c: accuracies[name][c] for c in columns}, "Model": name})
@@ -249,4 +255,30 @@ def plot_grouped_bars(
     ax.grid(axis="y", alpha=0.3)
     # below the axes, so the legend never hides a bar
     ax.legend(fontsize="small", ncol=min(n + (reference is not None), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    return save_figure(fig, path)
+
+
+def plot_reliability(
+    curves: Mapping[str, Sequence[tuple[int, float, float]]],
+    path: str | os.PathLike,
+    title: str = "",
+) -> Path:
+    """Save a reliability diagram as PNG: for each model, accuracy against mean confidence per
+    confidence bin (``curves[label]`` = ``(count, accuracy, confidence)`` per bin, as
+    :func:`eval_harness.calibration.reliability_bins` gives; empty bins are skipped), with the
+    diagonal of perfect calibration. Points on the diagonal are calibrated; below it, over-confident."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    ax.plot([0, 1], [0, 1], linestyle="dashed", color="black", linewidth=1, label="perfect calibration")
+    for label, bins in curves.items():
+        points = [(conf, acc) for n, acc, conf in bins if n]
+        ax.plot([c for c, _ in points], [a for _, a in points], marker="o", markersize=3, label=str(label))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top option probability)")
+    ax.set_ylabel("accuracy")
+    if title:
+        ax.set_title(title, fontsize="small")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
     return save_figure(fig, path)
