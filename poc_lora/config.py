@@ -105,10 +105,14 @@ class DataArguments:
                 "(0-1), seeded by val_split_seed per suite, never trained on; written as <suite>/test.json under "
                 "$POC_LORA_CACHE and evaluated by the pipeline when eval.data_dir is not set"})
     answer_style: str = field(default="label", metadata={
-        "help": "training target: label ('the correct answer is answer2', the files as they are) or text "
-                "('the correct answer is <option text>'; BoolQ stays true/false)"})
+        "help": "training target: label ('the correct answer is answer2', the files as they are), text "
+                "('the correct answer is <option text>'; BoolQ stays true/false) or lm-eval (the record rendered "
+                "as the lm-evaluation-harness request of its correct option, e.g. 'Question: ...\\nAnswer:' + "
+                "' <option text>', exactly what choice mode's lm-eval format scores; needs prompt_template plain "
+                "and an LLM-Adapters dataset/ directory)"})
     dataset_split: str = field(default="train", metadata={"help": "split to read from a hub dataset"})
-    prompt_template: str = field(default="llm-adapters", metadata={"help": "alpaca or llm-adapters"})
+    prompt_template: str = field(default="llm-adapters", metadata={
+        "help": "alpaca, llm-adapters or plain (the instruction as it is: answer_style lm-eval)"})
     cutoff_len: int = field(default=256, metadata={"help": "maximum tokens per example (prompt + response)"})
     train_on_inputs: bool = field(default=True, metadata={"help": "false: mask the prompt tokens from the loss"})
     add_eos_token: bool = field(default=True, metadata={"help": "append EOS when the example fits in cutoff_len"})
@@ -128,6 +132,9 @@ class DataArguments:
             raise ConfigError(f"val_set_size must be >= 0, got {self.val_set_size}")
         if self.answer_style not in ANSWER_STYLES:
             raise ConfigError(f"answer_style must be one of {', '.join(ANSWER_STYLES)}, got {self.answer_style!r}")
+        if self.answer_style == "lm-eval" and self.prompt_template != "plain":
+            raise ConfigError(f"answer_style lm-eval trains on lm-evaluation-harness's own prompts; set prompt_template "
+                              f"plain (got {self.prompt_template!r}, which would wrap them in another prompt)")
         if self.validation_split is not None:
             validation_count(self.validation_split, 10**12, "validation_split")  # count or fraction?
 
@@ -181,7 +188,7 @@ class MergeArguments:
 
 
 EVAL_MODES = ("generate", "rank", "choice")
-CHOICE_FORMATS = ("lm-eval", "template")
+from .data.requests import CHOICE_FORMATS  # noqa: E402 (choice mode's request formats)
 
 
 @dataclass

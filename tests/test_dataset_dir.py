@@ -199,3 +199,48 @@ def test_answer_style_text_on_a_mixed_file_without_answer_fields():
         apply_answer_style([piqa, bad], "text", "mixed.json")
     with pytest.raises(ConfigError, match="answer_style must be one of label, text"):
         DataArguments(data_path="x", answer_style="words")
+
+
+def test_answer_style_lm_eval_renders_the_lm_eval_request_of_the_correct_option(dataset):
+    """Expected strings written out from lm-evaluation-harness's task definitions (ARC: "Question:
+    {q}\\nAnswer:" + " {option}"; OBQA: the stem + " {option}"; BoolQ: "Question: {q}?\\nAnswer:" +
+    " yes"/" no")."""
+    records = load_training_records(_args(dataset, answer_style="lm-eval", prompt_template="plain"))
+    by_instruction = {r["instruction"]: r for r in records}
+    assert len(records) == 62 - 15  # 5 held out per suite
+    arc = next(r for r in records if r["instruction"].startswith("Question: Which thing number"))
+    i = arc["instruction"].split("number ")[1].split(" ")[0]
+    assert arc["instruction"] == f"Question: Which thing number {i} is a metal?\nAnswer:"
+    assert arc["output"] == f" iron {i}" and arc["input"] == "" and arc["answer"] == "answer2"
+    obqa = next(r for r in records if r["instruction"].startswith("The sun number"))
+    assert obqa["output"] == " a star" and "\n" not in obqa["instruction"]
+    even = by_instruction.get("Question: is 4 an even number\nAnswer:") or by_instruction.get(
+        "Question: is 2 an even number\nAnswer:")
+    odd = by_instruction.get("Question: is 3 an even number\nAnswer:") or by_instruction.get(
+        "Question: is 1 an even number\nAnswer:")
+    assert even["output"] == " yes" and odd["output"] == " no"
+
+
+def test_answer_style_lm_eval_trains_on_the_continuation_tokens_only(dataset):
+    from poc_lora.data.instructions import tokenize_examples
+    from poc_lora.data.templates import get_template
+    from poc_lora.testing.tiny_model import build_tiny_model
+    from poc_lora.models import load_tokenizer
+
+    tok = load_tokenizer(str(build_tiny_model(dataset.parent / "tiny")))
+    rec = {"instruction": "Question: Which is a metal?\nAnswer:", "input": "", "output": " iron", "answer": "answer2"}
+    out = tokenize_examples([rec], tok, get_template("plain"), cutoff_len=64, train_on_inputs=False)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    n_prompt = len(tok(rec["instruction"])["input_ids"])
+    assert ids[:n_prompt] == tok(rec["instruction"])["input_ids"]  # the prompt is the context, unwrapped
+    assert all(x == -100 for x in labels[:n_prompt]) and labels[n_prompt:] == ids[n_prompt:]
+    assert tok.decode(ids[n_prompt:], skip_special_tokens=True).strip() == "iron"
+
+
+def test_answer_style_lm_eval_needs_the_plain_template_and_suites(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="prompt_template plain"):
+        DataArguments(data_path=str(dataset), answer_style="lm-eval", prompt_template="alpaca")
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps([_mc("q?", ["a", "b"], 1)]))
+    with pytest.raises(ConfigError, match="needs each record's suite"):
+        load_training_records(DataArguments(data_path=str(flat), answer_style="lm-eval", prompt_template="plain"))

@@ -287,7 +287,8 @@ def test_runner_outputs_and_paper_rows(env, ranked):
         table = list(csv.DictReader(fh))
     assert list(table[0]) == ["Method", "Model", *TABLE_COLUMNS]
     assert TABLE_COLUMNS[:3] == ("SIQA", "PIQA", "WinoGrande") and TABLE_COLUMNS[-1] == "Ave."
-    assert [r["Method"] for r in table] == ["LoRA", "LoRA", "Merged", "LoRA (best)", "LoRA (ave.)", "PoC merge"]
+    ens = "LoRA ensemble (M = 2, M forward passes)"
+    assert [r["Method"] for r in table] == ["LoRA", "LoRA", ens, "Merged", "LoRA (best)", "LoRA (ave.)", ens, "PoC merge"]
     accs = {}
     for key in ("a0", "a1", "merged"):
         per_suite = {}
@@ -296,20 +297,20 @@ def test_runner_outputs_and_paper_rows(env, ranked):
             assert len(rows) == 6 and {"index", "prompt_sha256", "scores", "prediction", "label", "correct"} <= set(rows[0])
             per_suite[SUITES[suite].column] = 100 * sum(r["prediction"] == r["label"] for r in rows) / 6
         accs[key] = {**per_suite, "Ave.": sum(per_suite.values()) / 2}
-    by_model = {r["Model"]: r for r in table[:3]}
+    by_model = {r["Model"]: r for r in table[:4]}
     for key, acc in accs.items():
         for col, value in acc.items():
             assert float(by_model[key][col]) == pytest.approx(value)
         assert by_model[key]["SIQA"] == ""  # not evaluated
     best = max(["a0", "a1"], key=lambda k: accs[k]["Ave."])
-    assert float(table[3]["Ave."]) == pytest.approx(accs[best]["Ave."]) and table[3]["Model"] == best
-    assert float(table[4]["BoolQ"]) == pytest.approx((accs["a0"]["BoolQ"] + accs["a1"]["BoolQ"]) / 2)
-    assert float(table[5]["PIQA"]) == pytest.approx(accs["merged"]["PIQA"])
+    assert float(table[4]["Ave."]) == pytest.approx(accs[best]["Ave."]) and table[4]["Model"] == best
+    assert float(table[5]["BoolQ"]) == pytest.approx((accs["a0"]["BoolQ"] + accs["a1"]["BoolQ"]) / 2)
+    assert float(table[7]["PIQA"]) == pytest.approx(accs["merged"]["PIQA"])
     models = json.loads((out / "summary.json").read_text())["models"]
     assert models["a0"]["template"] == "alpaca" and models["a1"]["template"] == "llm-adapters"
     assert models["a1"]["template_source"] == "default"
     md_rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(md_rows) == 1 + 6 and md_rows[-1].startswith("| PoC merge | merged |")
+    assert len(md_rows) == 1 + 8 and md_rows[-1].startswith("| PoC merge | merged |")
 
 
 def test_adapter_swapping_matches_a_fresh_peft_load(env, ranked):

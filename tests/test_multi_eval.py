@@ -82,7 +82,7 @@ def test_many_models_equal_one_by_one(env, layers, mode, monkeypatch):
     assert built == [len(MODELS)]  # one multi-model for all five, reused for the second suite
     _run(env, layers, mode, False, root / "alone")
     assert built == [len(MODELS)]
-    assert list(together.models) == list(MODELS)
+    assert list(together.models) == [*MODELS[:-1], "lora-ensemble", MODELS[-1]]  # the ensemble: no forward pass
     for suite in TASKS.split(","):
         base_scores = [r["scores"] for r in _rows(root / "together", "tiny", suite)]
         for key in MODELS:
@@ -90,7 +90,9 @@ def test_many_models_equal_one_by_one(env, layers, mode, monkeypatch):
             assert [r["prediction"] for r in got] == [r["prediction"] for r in want], (key, suite)
             for g, w in zip(got, want):
                 assert g["scores"] == pytest.approx(w["scores"], abs=1e-4), (key, suite)
-                assert {k: v for k, v in g.items() if k != "scores"} == {k: v for k, v in w.items() if k != "scores"}
+                assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-4), (key, suite)
+                assert ({k: v for k, v in g.items() if k not in ("scores", "probabilities")}
+                        == {k: v for k, v in w.items() if k not in ("scores", "probabilities")})
             if key != "tiny":  # the adapters really change the scores (else the test proves little)
                 assert max(abs(g["scores"][c] - b[c]) for g, b in zip(got, base_scores) for c in b) > 1e-2
             summary = json.loads((root / "together" / key / suite / "summary.json").read_text())
@@ -180,7 +182,7 @@ def test_refusals_fall_back_one_by_one(env, plain, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="eval_harness.runner"):
         result = evaluate(str(env["base"]), [adapters[0], dora], data_dir=env["data"], output=env["root"] / "out-dora",
                           tasks="boolq", mode="rank", limit=3, batch_size=4)
-    assert "one at a time" in caplog.text and set(result.models) == {"a0", "dora"}
+    assert "one at a time" in caplog.text and set(result.models) == {"a0", "dora", "lora-ensemble"}
     alone = evaluate(str(env["base"]), [adapters[0]], data_dir=env["data"], output=env["root"] / "out-a0",
                      tasks="boolq", mode="rank", limit=3, batch_size=4)
     assert result.models["a0"].average == alone.models["a0"].average

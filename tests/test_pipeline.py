@@ -56,8 +56,8 @@ def test_report_table_has_the_papers_rows_and_columns(demo_run):
     report = json.loads((demo_run / "pipeline" / "report.json").read_text())
     assert report["columns"] == list(TABLE_COLUMNS)
     methods = [r["Method"] for r in report["table"]]
-    assert methods[:3] == ["LoRA (best)", "LoRA (ave.)", "PoC merge"]
-    assert len(methods) == 6  # + SVD, pruned, soup variants
+    assert methods[:4] == ["LoRA (best)", "LoRA (ave.)", "LoRA ensemble (M = 2, M forward passes)", "PoC merge"]
+    assert len(methods) == 7  # + SVD, pruned, soup variants
     header = next(line for line in (demo_run / "pipeline" / "report.md").read_text().splitlines()
                   if line.startswith("| Method"))
     assert header == "| Method | " + " | ".join(TABLE_COLUMNS) + " |"
@@ -165,7 +165,7 @@ def test_rerun_skips_finished_stages(demo_run):
     before = [p.stat().st_mtime_ns for p in watched]
     report = run_pipeline(DEMO_CONFIG, pipe, QUICK_OVERRIDES)
     assert [p.stat().st_mtime_ns for p in watched] == before
-    assert report.table[2]["Method"] == "PoC merge"
+    assert report.table[3]["Method"] == "PoC merge"
     assert report.to_dict() == json.loads((pipe / "report.json").read_text())  # the typed report is the file
 
 

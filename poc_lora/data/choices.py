@@ -35,7 +35,7 @@ ANSWER_FORMAT_MARK = "Answer format:"
 # The training target of LLM-Adapters (``output``), with the option text (answer_style: text) or
 # the label word (answer_style: label, the files as they are) in place of {answer}.
 TARGET_FORMAT = "the correct answer is {answer}"
-ANSWER_STYLES = ("label", "text")
+ANSWER_STYLES = ("label", "text", "lm-eval")  # lm-eval: poc_lora.data.requests.lm_eval_record
 _LABEL_WORD = re.compile(r"^([A-Za-z]+?)(\d+)$")
 
 

@@ -42,6 +42,7 @@ from transformers import DataCollatorForSeq2Seq
 from ..cache import build_once, cache_dir
 from ..errors import ConfigError, DataError
 from .choices import ANSWER_STYLES, parse_choices, record_answer, text_target
+from .requests import lm_eval_record
 from .reasoning import make_records as make_reasoning_records
 from .suites import SUITE_ORDER, SUITES, Suite
 from .synthetic import SYNTHETIC_KINDS, SYNTHETIC_REASONING_DATA, TRAIN_FILE, write_synthetic_commonsense
@@ -230,21 +231,34 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def apply_answer_style(records: Sequence[dict[str, str]], style: str, source: str) -> list[dict[str, str]]:
+def apply_answer_style(records: Sequence[dict[str, str]], style: str, source: str,
+                       suite: str | None = None) -> list[dict[str, str]]:
     """``records`` with their ``output`` written in ``answer_style`` ``style``.
 
     ``label`` (the files as they are, the paper's): unchanged. ``text``: "the correct answer is
     <option text>" for multiple-choice records (the option their label word names, parsed from
     the instruction by :func:`~poc_lora.data.choices.parse_choices`); BoolQ-style records, whose
-    options are ``true``/``false``, keep "the correct answer is true|false". Inputs are not
-    modified. Raises :class:`DataError` naming ``source`` and the record index.
+    options are ``true``/``false``, keep "the correct answer is true|false". ``lm-eval``: the
+    record as the lm-evaluation-harness request of its correct option
+    (:func:`~poc_lora.data.requests.lm_eval_record`; the prompt differs per suite, so ``suite``
+    is required). Inputs are not modified. Raises :class:`DataError` naming ``source`` and the
+    record index, :class:`ConfigError` for ``lm-eval`` without a suite.
     """
     if style not in ANSWER_STYLES:
         raise ConfigError(f"answer_style must be one of {', '.join(ANSWER_STYLES)}, got {style!r}")
     if style == "label":
         return list(records)
+    if style == "lm-eval" and suite is None:
+        raise ConfigError(f"answer_style lm-eval needs each record's suite (its prompt differs per suite): give "
+                          f"data_path as an LLM-Adapters dataset/ directory (<suite>/train.json), not {source}")
     out = []
     for i, rec in enumerate(records):
+        if style == "lm-eval":
+            try:
+                out.append(lm_eval_record(suite, rec))
+            except DataError as exc:
+                raise DataError(f"answer_style lm-eval: data {source}, record {i}: {exc}") from None
+            continue
         try:
             choices = parse_choices(rec["instruction"])
             answer = record_answer(rec, choices.labels)
@@ -288,13 +302,18 @@ def load_training_records(data_args: Any) -> list[dict[str, str]]:
     Example:
         >>> load_training_records(DataArguments(data_path="dataset", validation_split=100))  # doctest: +SKIP
     """
+    style = getattr(data_args, "answer_style", "label")
     if getattr(data_args, "validation_split", None) is None:
-        records = load_records(resolve_data_path(data_args), data_args.dataset_split)
-    else:
-        train, root = _split(data_args, _split_source(data_args))
-        records = [r for rs in train.values() for r in rs]
-        logger.info("training on %d records; validation split in %s", len(records), root)
-    return apply_answer_style(records, getattr(data_args, "answer_style", "label"), str(data_args.data_path))
+        path = Path(resolve_data_path(data_args))
+        if style == "lm-eval" and path.is_dir():  # per suite: lm-eval's prompt differs per suite
+            return [r for suite, rs in read_dataset_dir(path).items()
+                    for r in apply_answer_style(rs, style, str(path / suite), suite)]
+        records = load_records(str(path), data_args.dataset_split)
+        return apply_answer_style(records, style, str(data_args.data_path))
+    train, root = _split(data_args, _split_source(data_args))
+    logger.info("training on %d records; validation split in %s", sum(map(len, train.values())), root)
+    return [r for suite, rs in train.items()
+            for r in apply_answer_style(rs, style, f"{data_args.data_path} ({suite})", suite)]
 
 
 def validation_data_dir(data_args: Any) -> Path | None:

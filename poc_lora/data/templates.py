@@ -99,6 +99,15 @@ TEMPLATES: dict[str, PromptTemplate] = {
             f"{_IND}### Input:\n{_IND}{{input}}\n\n{_IND}### Response:\n{_IND}"
         ),
     ),
+    # The instruction as it is (answer_style lm-eval: the instruction already is lm-evaluation-harness's
+    # prompt, e.g. "Question: ...\nAnswer:", and the output its continuation, " <option text>").
+    "plain": PromptTemplate(
+        name="plain",
+        train_no_input="{instruction}",
+        train_with_input="{instruction}\n{input}",
+        eval_no_input="{instruction}",
+        eval_with_input="{instruction}\n{input}",
+    ),
 }
 
 # File written into every adapter directory trained by poc-lora (read back by eval_harness).
