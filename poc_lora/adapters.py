@@ -386,7 +386,7 @@ def _canonical_layout(keys: list[str], label: str, path: Path) -> dict[str, str]
 
 
 def attach_peft_adapter(model: Any, path: str | Path, adapter_name: str, label: str | None = None) -> Any:
-    """Attach the adapter directory ``path`` to ``model`` with PEFT, its weights read as :func:`load_adapter` reads them.
+    """Attach the adapter directory ``path`` to ``model`` with PEFT, reading its weights as the project does.
 
     ``model`` is a base model (a ``PeftModel`` is returned, as ``PeftModel.from_pretrained``)
     or a ``PeftModel`` (the adapter is added to it, as ``load_adapter``; the same model is
@@ -425,11 +425,13 @@ def attach_peft_adapter(model: Any, path: str | Path, adapter_name: str, label: 
     expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
     unmatched = sorted(k for k in state if "lora_" in k and k not in expected)
     missing = sorted(k for k in expected if "lora_" in k and k not in state)
-    if unmatched or missing:
-        problems = ([f"{len(unmatched)} LoRA tensor(s) of the file match no layer of the base that its config "
-                     f"targets: {', '.join(layout[k] for k in unmatched[:6])}"] if unmatched else []) + \
-                   ([f"{len(missing)} LoRA weight(s) get no tensor from the file: {', '.join(missing[:6])}"]
-                    if missing else [])
+    problems = []
+    if unmatched:
+        problems.append(f"{len(unmatched)} LoRA tensor(s) of the file match no layer of the base that its config "
+                        f"targets: {', '.join(layout[k] for k in unmatched[:6])}")
+    if missing:
+        problems.append(f"{len(missing)} LoRA weight(s) get no tensor from the file: {', '.join(missing[:6])}")
+    if problems:
         raise AdapterError(f"{label}: {'; '.join(problems)} (a partial adapter would be evaluated as if it were whole)")
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     return model
