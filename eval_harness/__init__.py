@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import poc_lora  # noqa: F401  (cheap: quiets bitsandbytes' optional Hub kernel before PEFT loads)
+
 # public name -> module that defines it; loaded on first access so that a user of the suites or
 # the test-set converters does not pay for torch (measured: about 4 s under load).
 _LAZY = {

@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from peft import PeftModel
 from tqdm.auto import tqdm
 from poc_lora.config import CHOICE_FORMATS, EVAL_MODES, EvalArguments
 from poc_lora.stages import differing_keys, stage_problems
 
-from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile, sha256_file
+from poc_lora.adapters import BIN_NAME, SAFETENSORS_NAME, TensorFile, attach_peft_adapter, sha256_file
 from poc_lora.data.suites import TABLE_COLUMNS, Suite, parse_tasks
 from poc_lora.data.templates import TEMPLATE_RECORD_FILE, get_template, template_hash
 from poc_lora.errors import AdapterError, ConfigError, DataError, OutputError
@@ -215,10 +214,9 @@ class _ModelHolder:
             return self.model
         start = time.perf_counter()
         try:
-            if self.active is None:
-                self.model = PeftModel.from_pretrained(self.model, str(spec.adapter), adapter_name=name)
-            else:
-                self.model.load_adapter(str(spec.adapter), adapter_name=name)
+            # PEFT's own loader skips keys outside its layout (no prefix, ".default."): read as the
+            # many-models path reads them, or refused, naming the keys
+            self.model = attach_peft_adapter(self.model, spec.adapter, name)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             detail = " ".join(str(exc).split())[:400]
             raise AdapterError(

@@ -51,7 +51,7 @@ from transformers import GenerationConfig
 
 from poc_lora.config import EvalArguments
 from poc_lora.data.suites import Suite, get_suite
-from poc_lora.errors import ConfigError
+from poc_lora.errors import ConfigError, DataError
 
 from .multimodel import MultiModel
 
@@ -285,6 +285,11 @@ def _split_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], score_from_sh
     contexts = sorted({c for c, _ in pairs})
     context_ids = dict(zip(contexts, tokenizer(contexts)["input_ids"]))
     full = tokenizer([c + x for c, x in pairs])["input_ids"]
+    for (c, x), f in zip(pairs, full):
+        if _common_prefix(context_ids[c], f) >= len(f):
+            # Nothing to score: the old fallback scored the context's last token instead.
+            raise DataError(f"the continuation {x!r} after the context {c[-60:]!r} adds no token to it; "
+                            "a log-likelihood needs at least one continuation token")
     ends = [min(_common_prefix(context_ids[c], f), len(f) - 1) for (c, _), f in zip(pairs, full)]
     shared = min(min(ends), *(_common_prefix(full[0], f) for f in full))
     if shared < 1:
@@ -479,13 +484,19 @@ def continuation_logprobs(
     together; the scores do not depend on it. A shared context longer than the model's context
     minus the longest option is left-truncated as in :func:`rank_scores` (indices appended to
     ``truncated`` when given). With a :class:`~eval_harness.multimodel.MultiModel` of K models
-    the result is K such lists, as in :func:`rank_scores`.
+    the result is K such lists, as in :func:`rank_scores`. Raises :class:`DataError` for an
+    empty continuation, or one that adds no token to its context (nothing to score).
 
     Example:
         >>> continuation_logprobs(model, tok, [[("Question: 2+2?\nAnswer:", " 4"),
         ...                                     ("Question: 2+2?\nAnswer:", " 5")]])  # doctest: +SKIP
         [[-1.2, -3.4]]
     """
+    for i, pairs in enumerate(requests):
+        for j, (context, continuation) in enumerate(pairs):
+            if not continuation:
+                raise DataError(f"request {i}, option {j}: the continuation after the context {context[-60:]!r} "
+                                "is empty; a log-likelihood needs at least one continuation token")
     split = [_split_pairs(tokenizer, pairs, score_from_shared=False) for pairs in requests]
     return _one_or_many(model, _score_splits(model, tokenizer, split, batch_size, progress, truncated))
 

@@ -20,7 +20,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .runtime import quiet_hub_kernel_notices
+
 __version__ = "0.1.0"
+
+# Before any module here imports PEFT (which imports bitsandbytes): see quiet_hub_kernel_notices.
+quiet_hub_kernel_notices()
 
 # public name -> module that defines it
 _LAZY = {

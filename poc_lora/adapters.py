@@ -385,6 +385,58 @@ def _canonical_layout(keys: list[str], label: str, path: Path) -> dict[str, str]
     return {(k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): k for k in keys}
 
 
+def attach_peft_adapter(model: Any, path: str | Path, adapter_name: str, label: str | None = None) -> Any:
+    """Attach the adapter directory ``path`` to ``model`` with PEFT, reading its weights as the project does.
+
+    ``model`` is a base model (a ``PeftModel`` is returned, as ``PeftModel.from_pretrained``)
+    or a ``PeftModel`` (the adapter is added to it, as ``load_adapter``; the same model is
+    returned). PEFT builds the adapter's layers from its config; the weights then come from the
+    file in PEFT's canonical layout (:func:`_canonical_layout`: keys without the
+    ``base_model.model.`` prefix, which PEFT alone would skip, silently leaving the LoRA at its
+    initial value, so the model scored as the base). Keys PEFT's layout does not have (such as
+    ``lora_A.default.weight``, PEFT's in-memory name) are refused, as :func:`load_adapter` does.
+
+    Raises:
+        AdapterError: naming the keys when a LoRA tensor of the file matches no layer PEFT built
+            from the config (a renamed or foreign module) or a LoRA layer gets no tensor from the
+            file; as :func:`open_adapter_weights` for an unreadable file.
+
+    Example:
+        >>> model = attach_peft_adapter(base, "runs/adapter_0", "a0")  # doctest: +SKIP
+    """
+    import warnings
+
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+    path = Path(path)
+    label = label or f"adapter {path}"
+    tensors = open_adapter_weights(path, label)  # safe reading first: nothing in a pickle runs
+    try:
+        layout = _canonical_layout(tensors.keys(), label, tensors.path)
+        state = {canon: tensors.read(key) for canon, key in layout.items()}
+    finally:
+        tensors.close()
+    with warnings.catch_warnings():  # its missing keys are checked below, against the file's own layout
+        warnings.filterwarnings("ignore", message="Found missing adapter keys")
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=adapter_name)
+        else:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)
+    expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    unmatched = sorted(k for k in state if "lora_" in k and k not in expected)
+    missing = sorted(k for k in expected if "lora_" in k and k not in state)
+    problems = []
+    if unmatched:
+        problems.append(f"{len(unmatched)} LoRA tensor(s) of the file match no layer of the base that its config "
+                        f"targets: {', '.join(layout[k] for k in unmatched[:6])}")
+    if missing:
+        problems.append(f"{len(missing)} LoRA weight(s) get no tensor from the file: {', '.join(missing[:6])}")
+    if problems:
+        raise AdapterError(f"{label}: {'; '.join(problems)} (a partial adapter would be evaluated as if it were whole)")
+    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    return model
+
+
 def parse_modules(cfg: dict[str, Any], tensors: TensorFile, label: str) -> tuple[dict[str, LoraModule], dict[str, str]]:
     """Group LoRA keys by module and resolve each module's rank, alpha and scale.
 

@@ -354,7 +354,9 @@ class BatchedTrainer(Trainer):
         self.member_seeds = member_seeds
         self._loss_sum = torch.zeros(self.num_members)  # since the last log
         self._loss_total = torch.zeros(self.num_members)  # over this call of train()
-        self._last_logged = 0
+        # global step of the last log; None until the first training batch, which sets it to the step
+        # train() starts from (the checkpoint's on a resume, so the first log divides by its own steps)
+        self._last_logged: int | None = None
 
     # data -------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler | None:
@@ -383,6 +385,8 @@ class BatchedTrainer(Trainer):
                      num_items_in_batch: Any = None) -> Any:
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
         if model.training and outputs.member_losses is not None:
+            if self._last_logged is None:
+                self._last_logged = self.state.global_step
             # kept on the model's device: no synchronisation per micro-batch, as Trainer's own tr_loss
             self._loss_sum = self._loss_sum.to(outputs.member_losses.device) + outputs.member_losses.detach().float()
         return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -393,7 +397,7 @@ class BatchedTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            steps = max(self.state.global_step - self._last_logged, 1)
+            steps = max(self.state.global_step - (self._last_logged or 0), 1)
             self._last_logged = self.state.global_step
             opt: MemberOptimizers = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
             lr0 = float(opt.members[0].param_groups[0]["lr"])

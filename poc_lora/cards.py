@@ -440,6 +440,7 @@ def merge_card(directory: str | Path, report: Any, method: Any) -> Any:
     if "vllm_max_lora_rank" in v:
         merge_rows.append(("vLLM --max-lora-rank needed", v["vllm_max_lora_rank"] or "none (rank > 512; see warning)"))
     warnings = "".join(f"\n- warning: {w}" for w in rep.get("warnings", []))
+    warnings += "".join(f"\n- note: {n}" for n in rep.get("notes", []))
     body = f"""
 # {spec.title} of {m} LoRA adapters for {base}
 
@@ -466,18 +467,23 @@ The exact values (from `merge_report.json`):
 
 ## Usage
 
-{_usage(base, name, adapter=adapter_config is not None)}{_serving(base, name, v.get("vllm_max_lora_rank"))}
+{_usage(base, name, adapter=adapter_config is not None)}{_serving(base, name, v.get("vllm_max_lora_rank"), rep)}
 
 {_citation()}
 """
     return _card(meta, body)
 
 
-def _serving(base: str | None, directory_name: str, max_lora_rank: int | None) -> str:
+def _serving(base: str | None, directory_name: str, max_lora_rank: int | None, rep: dict[str, Any]) -> str:
     """How to serve a merged adapter with vLLM (every module has one rank and scale 1, so vLLM and
-    llama.cpp's converter read it as PEFT does); empty for a merged model."""
+    llama.cpp's converter read it as PEFT does, unless it holds full tensors: then the report's
+    note says what each engine does); empty for a merged model."""
     if max_lora_rank is None:
         return ""
+    if rep.get("full_tensors"):
+        return ("\n\nServing: this adapter holds full tensors beside its LoRA factors (the note above): PEFT "
+                "loads it as trained; vLLM and llama.cpp's `convert_lora_to_gguf.py` do not take such tensors "
+                "(the converter keeps norm weights only); merge into the base model to serve it elsewhere.")
     return (f"\n\nServing: every module has the same rank and scale 1 (no rank_pattern / alpha_pattern), so "
             f"vLLM and llama.cpp's `convert_lora_to_gguf.py` apply the same update as PEFT. vLLM needs "
             f"`--max-lora-rank {max_lora_rank}`:\n\n```bash\nvllm serve {base} --enable-lora --max-lora-rank "

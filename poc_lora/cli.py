@@ -22,7 +22,7 @@ from .config import (CONFIG_FILE, DATA_ORDERS, GRAMMAR, SECTIONS, STRATEGIES, TR
                      KeyParser, MergeArguments, ModelArguments, PipelineArguments, load_config, normalize_argv,
                      section_class)
 from .errors import ConfigError, PocLoraError
-from .runtime import configure_threads
+from .runtime import configure_threads, quiet_hub_kernel_notices
 from .merge.methods import method_names, methods_help
 
 EXIT_USER_ERROR = 1
@@ -397,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    quiet_hub_kernel_notices(not args.verbose)  # bitsandbytes' optional Hub kernel: only -v shows it
     if not args.verbose:
         # bitsandbytes warns on import, on every CPU machine, about an optional kernel package;
         # it says nothing about the user's run, so only --verbose shows it.

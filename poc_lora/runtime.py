@@ -1,5 +1,6 @@
 """Small process-level helpers shared by several modules: derived seeds, torch thread count, the
-CLI's CPU thread defaults and the CPU's bf16 support.
+CLI's CPU thread defaults, the CPU's bf16 support and the quieting of bitsandbytes' optional Hub
+kernel (:func:`quiet_hub_kernel_notices`).
 
 Example:
     >>> from poc_lora.runtime import derive_seed, torch_threads
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import sys
 from typing import Any, Iterator
@@ -147,3 +149,46 @@ def release_memory() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+# Importing PEFT imports bitsandbytes (peft/helpers.py), and bitsandbytes >= 0.49 on a CPU with
+# AVX512-BF16 asks the `kernels` package, at import time, for an optional 4-bit matmul kernel on
+# the Hub (kernels-community/quantization-bitsandbytes). Offline that fails, and two warnings go
+# to stderr on every command, quantized or not, though bitsandbytes then falls back to its own
+# CPU code (same results, only slower 4-bit matmuls). Neither package offers a switch to skip
+# the lookup, so exactly those records are dropped; every other warning of both libraries stays.
+_HUB_KERNEL_NOTICES = {
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+
+
+class _HubKernelNoticeFilter(logging.Filter):
+    """Drops the optional-Hub-kernel notices of :data:`_HUB_KERNEL_NOTICES`, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        prefix = _HUB_KERNEL_NOTICES.get(record.name)
+        return prefix is None or not str(record.msg).startswith(prefix)
+
+
+_HUB_KERNEL_FILTER = _HubKernelNoticeFilter()
+
+
+def quiet_hub_kernel_notices(quiet: bool = True) -> None:
+    """Silence (or, ``quiet=False``, show again) bitsandbytes' notices about its optional Hub kernel.
+
+    Called when :mod:`poc_lora` or :mod:`eval_harness` is imported, before anything imports PEFT
+    (and with it bitsandbytes), so neither the CLI nor the Python API prints
+    ``Skipping publisher trust check ...`` / ``Failed to load CPU gemm_4bit_forward ...`` when
+    the Hub is offline; ``poc-lora -v`` shows them again. Idempotent; no torch is imported.
+
+    Example:
+        >>> quiet_hub_kernel_notices()
+    """
+    for name in _HUB_KERNEL_NOTICES:
+        log = logging.getLogger(name)
+        if quiet:
+            if _HUB_KERNEL_FILTER not in log.filters:
+                log.addFilter(_HUB_KERNEL_FILTER)
+        else:
+            log.removeFilter(_HUB_KERNEL_FILTER)

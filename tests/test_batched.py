@@ -176,6 +176,10 @@ def test_resume_after_a_checkpoint_equals_the_uninterrupted_run(runs, tmp_path):
         record = json.loads((out / f"adapter_{j}" / DONE_FILE).read_text())
         assert record["resumed_from"].endswith("checkpoint-2")
         assert [e["step"] for e in record["log_history"]] == [2, 4]  # the log before the kill survives
+        # the member's loss logged after the resume averages steps 3-4, as the uninterrupted run's
+        # did (it was divided by 4, the steps since step 0, not by the 2 since the checkpoint)
+        whole = json.loads((runs["bat"] / f"adapter_{j}" / DONE_FILE).read_text())["log_history"]
+        assert [e["loss"] for e in record["log_history"]] == pytest.approx([e["loss"] for e in whole], abs=1e-6)
 
 
 def test_resume_of_a_finished_batched_ensemble_changes_nothing(runs, no_model_load):

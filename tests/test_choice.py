@@ -118,6 +118,16 @@ def test_choice_scores_equal_a_direct_forward_per_option_and_are_batch_invariant
             assert value1 == pytest.approx(value, abs=1e-5)
 
 
+@pytest.mark.parametrize("continuation", ["", " "])
+def test_a_continuation_with_no_token_of_its_own_is_refused_not_scored_as_the_context(env, continuation):
+    # The old fallback scored the context's last token ("world" given "hello") as if it were the
+    # continuation; a log-likelihood of nothing has no such value, so the API refuses it.
+    if continuation and env["tok"]("hello world" + continuation)["input_ids"] != env["tok"]("hello world")["input_ids"]:
+        pytest.skip("this tokenizer gives the space a token of its own")
+    with pytest.raises(DataError, match="continuation"):
+        continuation_logprobs(env["model"], env["tok"], [[("hello world", continuation), ("hello world", " three")]])
+
+
 def test_runner_reports_acc_and_acc_norm_from_its_predictions(env):
     out = env["root"] / "out"
     result = evaluate(str(env["base"]), data_dir=env["data"], output=out, tasks="winogrande,ARC-Easy,boolq",

@@ -163,6 +163,41 @@ def test_hostile_pickle_adapter_in_eval_through_the_console(tmp_path):
     assert not (tmp_path / "code_ran").exists() and not (tmp_path / "o").exists()
 
 
+def test_offline_console_prints_exactly_the_error_and_the_api_prints_nothing(tmp_path):
+    """Offline (HF_HUB_OFFLINE=1, as an offline user sets it), importing PEFT imports bitsandbytes,
+    whose optional CPU kernel lookup on the Hub used to log two warnings; the console's stderr is
+    exactly the one `error:` line, and importing the Python API writes nothing."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "POC_LORA_CACHE": str(tmp_path / "cache")}
+    weights = _adapter(tmp_path, "empty")
+    proc = subprocess.run([sys.executable, "-m", "poc_lora.cli", *_eval(_suites(tmp_path), tmp_path / "o", weights.parent)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"error: adapter {weights.parent}: {weights} is not a valid safetensors file "
+                           "(Error while deserializing header: header too small)\n")
+    api = subprocess.run([sys.executable, "-c", "from eval_harness import evaluate; import peft, bitsandbytes"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert (api.returncode, api.stderr) == (0, "")
+
+
+def test_offline_4bit_load_works_without_the_hub_kernel_notices(tmp_path):
+    """bitsandbytes falls back to its own CPU 4-bit code when the Hub kernel cannot be fetched; a
+    4-bit load offline works and prints nothing about the kernel."""
+    import os
+
+    pytest.importorskip("bitsandbytes")
+    code = ("from poc_lora.models import load_model, tiny_model_path; import torch; "
+            "m = load_model(str(tiny_model_path()), 'float32', load_in_4bit=True); "
+            "print(type(m.model.layers[0].self_attn.q_proj).__name__, "
+            "bool(torch.isfinite(m(input_ids=torch.tensor([[1, 2, 3]])).logits).all()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "POC_LORA_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["Linear4bit", "True"]
+    assert "kernels" not in proc.stderr and "gemm_4bit" not in proc.stderr
+
+
 # ------------------------------------------------------------------------ CPU thread defaults
 def test_cli_thread_defaults(monkeypatch, capsys):
     """All the cores this process may use (its affinity mask, not os.cpu_count) and passive OpenMP

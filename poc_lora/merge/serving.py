@@ -12,6 +12,11 @@ smallest value that loads rank R. ``--serve_rank N`` truncates every module to a
 largest allowed value <= N by SVD; ``auto`` to the smallest allowed value >= the merged rank,
 at most 512 (:func:`serve_cap`). No torch here: the CLI validates ``--serve_rank`` at start-up.
 
+Full tensors (``modules_to_save`` copies such as ``lm_head`` or ``norm``, trained base biases)
+travel beside the LoRA factors: PEFT loads them in place of the base's, the other engines do not
+(:func:`full_tensor_note`, checked in their sources: vLLM ``vllm/lora/utils.py``,
+``parse_fine_tuned_lora_name``; llama.cpp ``convert_lora_to_gguf.py``).
+
 Example:
     >>> vllm_max_lora_rank(80), vllm_max_lora_rank(600)
     (128, None)
@@ -20,6 +25,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 from ..errors import ConfigError
 
@@ -71,4 +78,29 @@ def too_big_warning(rank: int) -> str:
             f"--serve_rank N")
 
 
-__all__ = ["VLLM_MAX_LORA_RANKS", "parse_serve_rank", "serve_cap", "too_big_warning", "vllm_max_lora_rank"]
+def full_tensor_note(keys: Sequence[str]) -> str | None:
+    """The note for a merged adapter holding full tensors beside its LoRA factors, naming them and
+    what each serving engine does with them; None when ``keys`` is empty.
+
+    ``keys``: the tensors' keys (PEFT's layout or module paths). vLLM's LoRA loader accepts only
+    ``lora_A`` / ``lora_B`` / ``lora_embedding_A`` / ``lora_embedding_B`` tensors and refuses the
+    adapter otherwise; llama.cpp's converter stops on them, keeping only norm weights.
+
+    Example:
+        >>> full_tensor_note(["base_model.model.lm_head.weight"]).split(":")[0]
+        'the merged adapter holds 1 full tensor(s) beside its LoRA factors (modules_to_save / trained biases)'
+    """
+    if not keys:
+        return None
+    names = [k.removeprefix("base_model.model.") for k in keys]
+    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    return (f"the merged adapter holds {len(names)} full tensor(s) beside its LoRA factors (modules_to_save / "
+            f"trained biases): {shown}. PEFT loads them in place of the base model's; vLLM refuses the adapter "
+            "(its LoRA loader takes only lora_A / lora_B / lora_embedding_A / lora_embedding_B tensors: "
+            "\"... is unsupported LoRA weight\"); llama.cpp's convert_lora_to_gguf.py stops with \"Not a lora_A "
+            "or lora_B tensor\" (recent versions copy norm weights into the GGUF adapter, nothing else). To "
+            "serve elsewhere than PEFT, merge into the base (--merge-into-base) or train without modules_to_save")
+
+
+__all__ = ["VLLM_MAX_LORA_RANKS", "full_tensor_note", "parse_serve_rank", "serve_cap", "too_big_warning",
+           "vllm_max_lora_rank"]

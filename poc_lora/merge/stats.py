@@ -185,7 +185,9 @@ class MergeReport(_ByKey):
     ``params``: the method's parameters (density, majority_sign_method). ``serve_rank``: as
     asked (None, "auto" or N); ``written_rank``: the rank of every module of the written
     adapter; ``vllm_max_lora_rank``: the smallest vLLM ``--max-lora-rank`` that loads it (None
-    above 512, and for a merge into the base model)."""
+    above 512, and for a merge into the base model); ``full_tensors``: the keys of the written
+    adapter's full (non-LoRA) tensors, modules_to_save and trained biases, which only PEFT serves
+    (``notes`` says what the other engines do)."""
 
     output: str
     method: str
@@ -206,6 +208,7 @@ class MergeReport(_ByKey):
     serve_rank: int | str | None = None
     written_rank: int | None = None
     vllm_max_lora_rank: int | None = None
+    full_tensors: list[str] = field(default_factory=list)  # non-LoRA tensors of the written adapter
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -213,7 +216,8 @@ class MergeReport(_ByKey):
                    output_ranks=dict(self.output_ranks), modules={k: v.to_dict() for k, v in self.modules.items()},
                    overall=self.overall.to_dict() if self.overall is not None else {},
                    warnings=list(self.warnings), notes=list(self.notes),
-                   skipped_inputs=[dict(s) for s in self.skipped_inputs], params=dict(self.params))
+                   skipped_inputs=[dict(s) for s in self.skipped_inputs], params=dict(self.params),
+                   full_tensors=list(self.full_tensors))
         return out
 
     def summary(self) -> str:
