@@ -375,3 +375,88 @@ def test_eval_engine_llama_cpp_refuses_generate_and_adapter_directories(tiny, tm
     with pytest.raises(AdapterError, match="LoRA GGUF"):
         evaluate(str(tiny["gguf"]), [tiny["dirs"]["single"]], data_dir=data, output=tmp_path / "o", tasks="boolq",
                  mode="rank", engine="llama.cpp", tokenizer=str(tiny["dir"]))
+
+
+# ------------------------------------------------------------------ SmolLM2 (the real base)
+def dequantized_gguf(src: Path, out: Path) -> Path:
+    """``src`` with every tensor dequantized to float32 (gguf-py's dequantizer, the one transformers'
+    GGUF loader uses, so llama.cpp and transformers hold the same weights), metadata copied."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(out, arch)
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = int(gguf.LlamaFileType.ALL_F32) if name == "general.file_type" else f.contents()
+        w.add_key_value(name, value, f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        w.add_tensor(t.name, np.asarray(data, np.float32).reshape(tuple(int(x) for x in reversed(t.shape))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def small_adapter(path: Path, base, seed: int, r: int) -> Path:
+    """A PEFT adapter on every linear module of ``base`` with small random A and B (a trained
+    adapter's size: a logit effect of a few units)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.save_pretrained(str(path))
+    return path
+
+
+SMOL_PROMPTS = ["Question: Which is a metal?\nAnswer: iron", "The capital of France is",
+                "Please choose the correct answer to the question: Do fish swim?\n\nAnswer format: true/false"]
+
+
+@pytest.mark.slow
+@llama_cpp_test
+def test_smollm2_poc_merge_in_llama_cpp_equals_peft_and_q4_1_tracks_it(tmp_path):
+    """SmolLM2-135M-Instruct: the shipped Q4_1 GGUF dequantized to a float32 GGUF (llama.cpp) and
+    to a float32 model directory (transformers, poc_lora.gguf); a PoC merge of a rank-4 and a
+    rank-8 adapter, exported. Float32: llama.cpp equals PEFT to float32 rounding. Q4_1, as users
+    deploy: the adapter's effect on the logits still correlates with PEFT's, top-1 mostly agrees."""
+    from poc_lora.models import SMOLLM2_MODEL_ID, resolve_model_path, smollm2_gguf_file
+
+    try:
+        q4 = smollm2_gguf_file()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    base_dir = resolve_model_path(SMOLLM2_MODEL_ID)
+    base = load_model(base_dir, "float32").eval()
+    tok = load_tokenizer(base_dir)
+    merge_adapters([small_adapter(tmp_path / "a4", base, 1, 4), small_adapter(tmp_path / "a8", base, 2, 8)],
+                   tmp_path / "poc")
+    lora = export_gguf(tmp_path / "poc", tmp_path / "poc.gguf")
+    f32 = dequantized_gguf(q4, tmp_path / "smollm2.f32.gguf")
+    model = PeftModel.from_pretrained(base, str(tmp_path / "poc")).eval()
+    lines = []
+    for ids in (tok(p)["input_ids"] for p in SMOL_PROMPTS):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            ref = model(input_ids=x).logits[0].double().numpy()
+            with model.disable_adapter():
+                effect_ref = ref - model(input_ids=x).logits[0].double().numpy()
+        got = llama_logits(f32, lora, ids)
+        diff = np.abs(torch.log_softmax(torch.from_numpy(got), -1).numpy() -
+                      torch.log_softmax(torch.from_numpy(ref), -1).numpy()).max()
+        effect = got - llama_logits(f32, None, ids)
+        rel = np.abs(effect - effect_ref).max() / np.abs(effect_ref).max()
+        assert (got.argmax(-1) == ref.argmax(-1)).all() and diff < 2e-3 and rel < 1e-3
+        served = llama_logits(q4, lora, ids)
+        served_effect = served - llama_logits(q4, None, ids)
+        corr = np.corrcoef(served_effect.ravel(), effect_ref.ravel())[0, 1]
+        top1 = (served.argmax(-1) == ref.argmax(-1)).mean()
+        lines.append(f"{len(ids)} tokens: f32 max |dlog p| {diff:.1e}, effect rel {rel:.1e} (max {np.abs(effect_ref).max():.2f}); "
+                     f"Q4_1 effect corr {corr:.4f}, top-1 agreement {top1:.0%}")
+    print("\n".join(lines))
+    assert min(float(line.split("corr ")[1].split(",")[0]) for line in lines) > 0.5

@@ -59,6 +59,7 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "LlamaForCausalLM": ("llama", True),
     "MistralForCausalLM": ("llama", True),
 }
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # configs that name no architectures
 TEMPLATE_KEY = "poc_lora.template_record"  # the adapter's prompt-template record (JSON), for `eval`
 
 
@@ -80,7 +81,7 @@ def base_shape(config: dict[str, Any], source: str) -> BaseShape:
     Raises:
         ConfigError: the architecture is not in :data:`ARCHITECTURES` (named in the message).
     """
-    archs = config.get("architectures") or []
+    archs = config.get("architectures") or [_MODEL_TYPES.get(config.get("model_type"), config.get("model_type"))]
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise ConfigError(f"base model {source}: architecture {archs or config.get('model_type')!r} cannot be "
