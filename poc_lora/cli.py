@@ -224,22 +224,23 @@ def _export_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, ob
     p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32", help="tensor type")
     p.add_argument("--base_model", default=None,
                    help="base model whose config.json names the architecture (default: the adapter's "
-                        "base_model_name_or_path)")
+                        "base_model_name_or_path); with --merge_into_base, the base GGUF file")
     p.add_argument("--merge_into_base", action="store_true",
-                   help="write the whole merged model instead (not built yet: use --lora / ADAPTER, docs/serving.md)")
+                   help="write the whole merged model GGUF instead: the base GGUF (--base_model FILE.gguf, default: "
+                        "the GGUF the adapter's base was converted from) with the update folded into the adapted "
+                        "tensors (written in --outtype; the others copied as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p, None
 
 
 def _run_export(args: argparse.Namespace, sections: dict[str, dict]) -> int:
-    if args.merge_into_base:
-        raise NotImplementedCommand("--merge_into_base (export the adapter and load it with --lora / ADAPTER, "
-                                    "docs/serving.md)")
-    from .merge.gguf_export import export_gguf
+    from .merge.gguf_export import export_gguf, export_merged_gguf
 
-    out = export_gguf(args.adapter_dir, args.output, outtype=args.outtype, base_model=args.base_model,
-                      overwrite=args.overwrite)
-    print(f"wrote {out}: load it with llama.cpp's --lora {out} (docs/serving.md)")
+    export = export_merged_gguf if args.merge_into_base else export_gguf
+    out = export(args.adapter_dir, args.output, outtype=args.outtype, base_model=args.base_model,
+                 overwrite=args.overwrite)
+    how = f"-m {out}" if args.merge_into_base else f"--lora {out}"
+    print(f"wrote {out}: load it with llama.cpp's {how} (docs/serving.md)")
     return 0
 
 

@@ -35,7 +35,7 @@ from test_merge import make_adapter, make_base
 from poc_lora.cli import main
 from poc_lora.errors import AdapterError, ConfigError
 from poc_lora.merge import merge_adapters
-from poc_lora.merge.gguf_export import export_gguf
+from poc_lora.merge.gguf_export import export_gguf, export_merged_gguf
 from poc_lora.models import load_model, load_tokenizer
 from poc_lora.testing.tiny_model import build_tiny_model
 
@@ -185,7 +185,9 @@ def test_cli_export_writes_and_refuses_overwrite(small, tmp_path, capsys):
             "--base_model", str(root / "base")]
     assert main(args) == 0 and (tmp_path / "a.gguf").is_file()
     assert main(args) == 1 and "already exists" in capsys.readouterr().err
-    assert main([*args, "--merge_into_base"]) == 2  # declared, not built: says so
+    # --merge_into_base needs the base as a GGUF file: a Hugging Face directory is refused, saying so
+    assert main([*args, "--merge_into_base", "--output", str(tmp_path / "m.gguf")]) == 1
+    assert "FILE.gguf" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
 
 
 # ------------------------------------------------------------------ inside llama.cpp itself
@@ -301,6 +303,47 @@ def test_llama_cpp_next_token_logprobs_equal_peft(tiny, name):
     assert err["llama.cpp vs f32"] < 5e-4 and err["effect"] < 5e-5
 
 
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+@llama_cpp_test
+def test_merged_model_gguf_equals_base_plus_lora(tiny, outtype, tmp_path):
+    """--merge_into_base: the base GGUF with the PoC merge folded in, run by llama.cpp, against
+    PEFT (f32: float32 rounding; q8_0: the adapted tensors quantized) and llama.cpp's base + LoRA."""
+    merged = export_merged_gguf(tiny["dirs"]["poc"], tmp_path / "m.gguf", outtype=outtype, base_model=str(tiny["gguf"]))
+    fields, _ = read_gguf(merged)
+    assert fields["tokenizer.ggml.tokens"][:4] == ["<unk>", "<pad>", "<s>", "</s>"] and "general.type" not in fields
+    model = PeftModel.from_pretrained(copy.deepcopy(tiny["base"]), str(tiny["dirs"]["poc"])).eval()
+    worst, effect = 0.0, 0.0
+    for ids in tiny["ids"]:
+        with torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1).numpy()
+        got = torch.log_softmax(torch.from_numpy(llama_logits(merged, None, ids)), -1).numpy()
+        lora = torch.log_softmax(torch.from_numpy(llama_logits(tiny["gguf"], tiny["ggufs"]["poc"], ids)), -1).numpy()
+        plain = torch.log_softmax(torch.from_numpy(llama_logits(tiny["gguf"], None, ids)), -1).numpy()
+        worst = max(worst, float(np.abs(got - ref).max()))
+        effect = max(effect, float(np.abs(plain - ref).max()))  # what the merge changes
+        if outtype == "f32":
+            assert (got.argmax(-1) == ref.argmax(-1)).all() and np.abs(got - lora).max() < 5e-4
+    print(f"merged model ({outtype}): max |log p llama.cpp - log p PEFT| = {worst:.2e} (the merge moves log p "
+          f"by up to {effect:.1f})")
+    if outtype == "f32":
+        assert worst < 5e-4
+        return
+    # q8_0: llama.cpp also rounds the activations to 8 bits in these matmuls, and this tiny model's
+    # random adapters are huge, so the logits are compared loosely; the file itself is checked
+    # exactly: each adapted tensor is W + PEFT's update (llama.cpp's row order) to 8-bit rounding
+    _, base_t = read_gguf(tiny["gguf"])
+    _, merged_t = read_gguf(merged)
+    heads = {"q_proj": tiny["base"].config.num_attention_heads, "k_proj": tiny["base"].config.num_key_value_heads}
+    for module, delta in peft_deltas(tiny["base"], tiny["dirs"]["poc"]).items():
+        _, _, layer, _, leaf = module.split(".")
+        name = f"blk.{layer}.{GGUF_NAMES[leaf]}.weight"
+        if leaf in heads:
+            delta = delta[llama_cpp_rows(delta.shape[0], heads[leaf])]
+        want = base_t[name] + delta.float().numpy()
+        assert np.abs(merged_t[name] - want).max() <= np.abs(want).max() / 100, name
+    assert worst < effect
+
+
 def converter_script() -> Path | None:
     """llama.cpp's convert_lora_to_gguf.py: $LLAMA_CPP_CONVERTERS (the directory holding it, e.g.
     the unpacked llama-cpp-python sdist's vendor/llama.cpp)."""
@@ -399,21 +442,6 @@ def dequantized_gguf(src: Path, out: Path) -> Path:
     return out
 
 
-def small_adapter(path: Path, base, seed: int, r: int) -> Path:
-    """A PEFT adapter on every linear module of ``base`` with small random A and B (a trained
-    adapter's size: a logit effect of a few units)."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    model.save_pretrained(str(path))
-    return path
-
-
 SMOL_PROMPTS = ["Question: Which is a metal?\nAnswer: iron", "The capital of France is",
                 "Please choose the correct answer to the question: Do fish swim?\n\nAnswer format: true/false"]
 
@@ -434,8 +462,9 @@ def test_smollm2_poc_merge_in_llama_cpp_equals_peft_and_q4_1_tracks_it(tmp_path)
     base_dir = resolve_model_path(SMOLLM2_MODEL_ID)
     base = load_model(base_dir, "float32").eval()
     tok = load_tokenizer(base_dir)
-    merge_adapters([small_adapter(tmp_path / "a4", base, 1, 4), small_adapter(tmp_path / "a8", base, 2, 8)],
-                   tmp_path / "poc")
+    # small random adapters (std 0.02: a logit effect of about one unit, a trained adapter's size)
+    merge_adapters([make_adapter(tmp_path / f"a{r}", base, r, std=0.02, r=r, lora_alpha=2 * r, target_modules=ALL)
+                    for r in (4, 8)], tmp_path / "poc")
     lora = export_gguf(tmp_path / "poc", tmp_path / "poc.gguf")
     f32 = dequantized_gguf(q4, tmp_path / "smollm2.f32.gguf")
     model = PeftModel.from_pretrained(base, str(tmp_path / "poc")).eval()

@@ -18,6 +18,9 @@ shape (out, r), both as PEFT stores them. llama.cpp adds ``alpha / r * B @ A`` p
   written unchanged, as is any adapter with one ``lora_alpha`` and no rsLoRA: then the file
   holds the same values as llama.cpp's converter writes (tested tensor by tensor).
 
+``--merge_into_base`` (:func:`export_merged_gguf`) writes the base GGUF itself with the update
+folded into its adapted tensors (Llama bases), for Ollama / LM Studio users who want one file.
+
 Refused with an :class:`~poc_lora.errors.AdapterError` naming the module (never a file that
 loads and silently does less): LoRA on embeddings or the LM head, ``modules_to_save`` and other
 full tensors, trained biases (``lora_bias``, ``bias: all``), DoRA (refused by
@@ -188,6 +191,99 @@ def lora_tensors(ad: Adapter, shape: BaseShape) -> list[tuple[str, torch.Tensor,
     return out
 
 
+def _write_gguf(writer: Any) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def base_gguf_of(adapter_cfg: dict[str, Any], base_model: str | None) -> Path:
+    """The GGUF file of the adapter's base: ``base_model`` when it is a ``.gguf`` file, else the file
+    a :mod:`poc_lora.gguf` conversion directory records (``poc_lora_gguf.json``), which is what
+    adapters trained on a GGUF base (e.g. the embedded SmolLM2) name as their base.
+
+    Raises:
+        ConfigError: no GGUF file can be found (the message says to pass ``--base_model FILE.gguf``).
+    """
+    from ..gguf import SOURCE_FILE, gguf_file, is_gguf
+    from ..models import resolve_model_path
+
+    name = base_model or adapter_cfg.get("base_model_name_or_path") or ""
+    if is_gguf(name):
+        return gguf_file(name)
+    record = Path(resolve_model_path(name)) / SOURCE_FILE if name else None
+    if record is not None and record.is_file():
+        path = Path(json.loads(record.read_text(encoding="utf-8"))["gguf_path"])
+        if path.is_file():
+            return path
+    raise ConfigError(f"--merge_into_base needs the base model as a GGUF file ({name or 'no base named'} is none): "
+                      f"pass --base_model FILE.gguf (convert a Hugging Face base with llama.cpp's convert_hf_to_gguf.py)")
+
+
+def _gguf_shape(reader: Any, path: Path) -> BaseShape:
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("general.architecture", "llama."))}
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{path}: GGUF architecture {arch!r}; --merge_into_base handles llama only")
+    heads = int(fields["llama.attention.head_count"])
+    return BaseShape("LlamaForCausalLM", "llama", True, int(fields["llama.block_count"]), heads,
+                     int(fields.get("llama.attention.head_count_kv") or heads))
+
+
+def export_merged_gguf(adapter_dir: str | os.PathLike, output: str | os.PathLike, *, outtype: str = "f32",
+                       base_model: str | None = None, overwrite: bool = False) -> Path:
+    """Write the base GGUF with the adapter's update folded into its weights (``W + scale * B @ A``
+    in llama.cpp's row order), for Ollama / LM Studio users who want one file.
+
+    The adapted tensors are dequantized (gguf-py), updated in float32 and written in ``outtype``
+    (quantizing a small update back to 4 bits would round most of it away); every other tensor and
+    all metadata (tokenizer, chat template) are copied as stored. ``base_model``: the base GGUF
+    (default: the file the adapter's base conversion records, :func:`base_gguf_of`). Refuses what
+    :func:`export_gguf` refuses. Written atomically.
+
+    Example:
+        >>> export_merged_gguf("runs/merged", "merged-model.gguf", outtype="q8_0")  # doctest: +SKIP
+    """
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    output = check_output_path(output, overwrite)
+    base = base_gguf_of(read_adapter_config(adapter_dir), base_model)
+    reader = gguf.GGUFReader(base)
+    ad = load_adapter(adapter_dir)
+    try:
+        updates = {name: (a, b) for name, a, b in lora_tensors(ad, _gguf_shape(reader, base))}
+        alpha = float(ad.config["lora_alpha"])
+    finally:
+        ad.close()
+    missing = sorted(set(updates) - {t.name for t in reader.tensors})
+    if missing:
+        raise AdapterError(f"{adapter_dir}: the base GGUF {base} has no tensor {missing[0]} for the adapter")
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        for name, f in reader.fields.items():
+            if not name.startswith("GGUF.") and name != "general.architecture":
+                writer.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+        for t in reader.tensors:
+            if t.name not in updates:
+                writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # copied as stored
+                continue
+            a, b = updates[t.name]
+            weight = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            weight = weight.reshape(tuple(int(x) for x in reversed(t.shape)))
+            weight = weight + (alpha / b.shape[1] * (b @ a)).numpy()  # llama.cpp's alpha / rank
+            data, raw = _quantize(weight, outtype)
+            writer.add_tensor(t.name, data, raw_dtype=raw)
+        _write_gguf(writer)
+
+    atomic_write(output, write, suffix=".gguf")
+    logger.info("wrote the merged model %s (%d tensors updated, in %s)", output, len(updates), outtype)
+    return output
+
+
 def export_gguf(adapter_dir: str | os.PathLike, output: str | os.PathLike, *, outtype: str = "f32",
                 base_model: str | None = None, overwrite: bool = False) -> Path:
     """Write ``adapter_dir`` (a PEFT LoRA adapter or a ``poc-lora merge`` output) as a llama.cpp
@@ -245,15 +341,13 @@ def export_gguf(adapter_dir: str | os.PathLike, output: str | os.PathLike, *, ou
             for suffix, t in ((".lora_a", a), (".lora_b", b)):
                 data, raw = _quantize(t.numpy(), outtype)
                 writer.add_tensor(name + suffix, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _write_gguf(writer)
 
     atomic_write(output, write, suffix=".gguf")
     logger.info("wrote the llama.cpp LoRA adapter %s (%d modules, %s, alpha %g)", output, len(tensors), outtype, alpha)
     return output
 
 
-__all__ = ["ARCHITECTURES", "OUTTYPES", "TEMPLATE_KEY", "BaseShape", "base_shape", "export_gguf",
+__all__ = ["ARCHITECTURES", "OUTTYPES", "TEMPLATE_KEY", "BaseShape", "base_gguf_of", "base_shape", "export_gguf",
+           "export_merged_gguf",
            "llama_cpp_permute", "load_base_config", "lora_tensors"]
