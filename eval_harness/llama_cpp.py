@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from poc_lora.errors import AdapterError, ConfigError
 from poc_lora.gguf import gguf_file
 from poc_lora.merge.gguf_export import TEMPLATE_KEY
 from poc_lora.models import load_tokenizer
+from poc_lora.outputs import sha256_file
 
 from .scoring import _report_truncated, _Split, fit_context
 
@@ -160,14 +160,6 @@ def _adapter_template(path: Path, fallback: str | None, default: str) -> tuple[A
     return get_template(fallback or default), "--template" if fallback else "default"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_model_specs(base_model: str, adapters: Sequence[str | Path], merged: Sequence[str | Path],
                      template: str | None, include_base: bool | None, spec_class: type, safe_name: Callable[[str], str],
                      default_template: str) -> list[Any]:
@@ -191,7 +183,7 @@ def gguf_model_specs(base_model: str, adapters: Sequence[str | Path], merged: Se
                 raise AdapterError(f"{p} is not a llama.cpp LoRA adapter (general.type={fields.get('general.type')!r}, "
                                    f"adapter.type={fields.get('adapter.type')!r}); write one with poc-lora export")
             tpl, source = _adapter_template(p, template, default_template)
-            specs.append(spec_class(safe_name(p.stem), kind, p, tpl, source, _file_sha256(p)))
+            specs.append(spec_class(safe_name(p.stem), kind, p, tpl, source, sha256_file(p)))
     return specs
 
 

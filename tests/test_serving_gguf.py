@@ -23,7 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -39,6 +38,7 @@ from poc_lora.merge.gguf_export import export_gguf, export_merged_gguf
 from poc_lora.models import load_model, load_tokenizer
 from poc_lora.testing.tiny_model import build_tiny_model
 
+gguf = pytest.importorskip("gguf", reason="the gguf package (the gguf / all extra) writes and reads GGUF files")
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
