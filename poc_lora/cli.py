@@ -71,7 +71,7 @@ _HELP = {
              "mode or a fast log-likelihood ranking mode."),
     "export": ("export an adapter or a merge for a serving engine (llama.cpp LoRA GGUF)",
                "Write a PEFT LoRA adapter or a poc-lora merge as a llama.cpp LoRA adapter (GGUF: the metadata "
-               "and tensor names llama.cpp reads), for llama.cpp (--lora), llama-server, Ollama (ADAPTER) and "
+               "and tensor names llama.cpp reads), for llama-cli and llama-server, Ollama (ADAPTER) and "
                "LM Studio. Refuses what llama.cpp cannot apply (embeddings, LM head, modules_to_save, biases, "
                "DoRA), naming the module. See docs/serving.md."),
     "mfnn": ("the paper's mean-field network experiments (Figure 1, Figure 2, Table 2)",
