@@ -43,7 +43,7 @@ import torch
 
 from poc_lora.data.templates import get_template
 from poc_lora.errors import AdapterError, ConfigError
-from poc_lora.gguf import gguf_file
+from poc_lora.gguf import SOURCE_FILE, converted_dir, gguf_file, is_gguf
 from poc_lora.merge.gguf_export import TEMPLATE_KEY
 from poc_lora.models import load_tokenizer
 from poc_lora.outputs import sha256_file
@@ -211,11 +211,26 @@ class LlamaCppHolder:
     def get(self, spec: Any, index: int) -> LlamaCppModel:
         start = time.perf_counter()
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.tokenizer_source, padding_side="left")
+            self.tokenizer = _tokenizer(self.tokenizer_source)
         if self._current is None or self._current[0] != spec.adapter:
             self._current = (spec.adapter, LlamaCppModel(self.base, spec.adapter, threads=_threads()))
         self.load_seconds += time.perf_counter() - start
         return self._current[1]
+
+
+def _tokenizer(source: str) -> Any:
+    """The transformers engine's tokenizer for ``source``. For a GGUF file not converted yet it is
+    read straight from the file, as the conversion would (a whole dequantized copy of a large model
+    just for its tokenizer would take minutes and gigabytes); no padding is used here."""
+    if is_gguf(source) and not (converted_dir(gguf_file(source)) / SOURCE_FILE).is_file():
+        from transformers import AutoTokenizer
+
+        path = gguf_file(source)
+        try:
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"cannot read the tokenizer of the GGUF file {path} (give --tokenizer): {exc}") from None
+    return load_tokenizer(source, padding_side="left")
 
 
 def _threads() -> int:
