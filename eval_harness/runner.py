@@ -245,6 +245,8 @@ def _settings(spec: ModelSpec, suite: Suite, data_dir: Path, base_model: str, op
         "dtype": opts["dtype"],
         "load_in_4bit": opts["load_in_4bit"],
     }
+    if "engine" in opts:  # recorded only off the default, so earlier results stay reusable
+        settings.update(engine=opts["engine"])
     if opts["mode"] == "generate":
         settings.update(num_beams=opts["num_beams"], max_new_tokens=opts["max_new_tokens"])
     elif opts["mode"] == "choice":
@@ -381,6 +383,8 @@ def evaluate(
     overwrite: bool = False,
     batch_models: bool = DEFAULTS.batch_models,
     ensemble: bool = DEFAULTS.ensemble,
+    engine: str = "transformers",
+    tokenizer: str | None = None,
 ) -> EvalResult:
     """Evaluate ``base_model`` alone and/or with each adapter and merged adapter; write the results.
 
@@ -414,6 +418,9 @@ def evaluate(
             ``lora-ensemble`` ("LoRA ensemble (M = ..., M forward passes)"), built from their
             prediction rows without a forward pass (:mod:`eval_harness.ensemble`), and every
             other model's distance to it (``EvalResult.ensemble``).
+        engine: ``transformers`` (PEFT) or ``llama.cpp`` (``base_model`` and the adapters are GGUF
+            files; rank and choice modes; :mod:`eval_harness.llama_cpp`).
+        tokenizer: llama.cpp engine: where the tokenizer comes from (default: the base GGUF's).
 
     Rank and choice modes also give each model's calibration (NLL, Brier, ECE, confidence of the
     option softmax, :mod:`eval_harness.calibration`) per suite and averaged, and write
@@ -453,10 +460,19 @@ def evaluate(
                     raise DataError(f"{suite_file(data_dir, s)}: record {i}: {exc}") from None
     # A single path passed without a list is one adapter, not a sequence of characters.
     adapters, merged_adapters = ([a] if isinstance(a, (str, Path)) else list(a) for a in (adapters, merged_adapters))
-    specs = _model_specs(base_model, adapters, merged_adapters, template, include_base)
     opts = dict(mode=mode, limit=limit, batch_size=batch_size, num_beams=num_beams,
                 max_new_tokens=max_new_tokens, dtype=dtype, load_in_4bit=load_in_4bit, choice_format=choice_format)
-    holder = _ModelHolder(base_model, dtype, load_in_4bit)
+    if engine == "llama.cpp":  # GGUF files scored by llama.cpp (same requests and scoring code)
+        from . import llama_cpp
+        holder: Any = llama_cpp.LlamaCppHolder(base_model, tokenizer, mode)
+        specs = llama_cpp.gguf_model_specs(base_model, adapters, merged_adapters, template, include_base, ModelSpec,
+                                           _safe_name, DEFAULT_TEMPLATE)
+        opts["engine"] = engine
+    elif engine != "transformers":
+        raise ConfigError(f"unknown engine {engine!r}; valid: transformers, llama.cpp")
+    else:
+        specs = _model_specs(base_model, adapters, merged_adapters, template, include_base)
+        holder = _ModelHolder(base_model, dtype, load_in_4bit)
     models: dict[str, ModelResult] = {}
     warned: set[str] = set()  # suites whose over-long prompts were already reported
     settings = {s.name: {spec.key: _settings(spec, s, data_dir, base_model, opts) for spec in specs} for s in suites}
@@ -540,6 +556,8 @@ def main_eval(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         batch_models=getattr(args, "batch_models", DEFAULTS.batch_models),
         ensemble=getattr(args, "ensemble", DEFAULTS.ensemble),
+        engine=getattr(args, "engine", "transformers"),
+        tokenizer=getattr(args, "tokenizer", None),
     )
     print(markdown_table(["Method", "Model", *TABLE_COLUMNS], result.table))
     if result.calibration_table:

@@ -353,6 +353,8 @@ def _score_splits(model: Any, tokenizer: Any, split: Sequence[_Split], batch_siz
     ``batch_size // K`` examples (at least one) run together, which keeps the memory of the
     upper layers and logits at what one model with ``batch_size`` needs.
     """
+    if hasattr(model, "score_splits"):  # another engine (eval_harness.llama_cpp) scoring the same splits
+        return [model.score_splits(tokenizer, split, progress, truncated)]
     multi = model if isinstance(model, MultiModel) else None
     net = multi.model if multi else model
     n_models = multi.num_models if multi else 1

@@ -487,7 +487,9 @@ def _serving(base: str | None, directory_name: str, max_lora_rank: int | None, r
     return (f"\n\nServing: every module has the same rank and scale 1 (no rank_pattern / alpha_pattern), so "
             f"vLLM and llama.cpp's `convert_lora_to_gguf.py` apply the same update as PEFT. vLLM needs "
             f"`--max-lora-rank {max_lora_rank}`:\n\n```bash\nvllm serve {base} --enable-lora --max-lora-rank "
-            f"{max_lora_rank} --lora-modules merged={directory_name}\n```")
+            f"{max_lora_rank} --lora-modules merged={directory_name}\n```\n\nllama.cpp / Ollama: `poc-lora export "
+            f"{directory_name} --format gguf --output merged.gguf`, then `llama-server -m BASE.gguf --lora merged.gguf` "
+            f"or `ADAPTER ./merged.gguf` in an Ollama Modelfile (poc-lora's docs/serving.md).")
 
 
 def write_merge_card(directory: str | Path, report: Any, method: Any) -> Path:

@@ -69,6 +69,11 @@ _HELP = {
     "eval": ("evaluate a base model with adapters on the commonsense suites",
              "Evaluate on the eight commonsense suites (LLM-Adapters layout) in the paper's generation "
              "mode or a fast log-likelihood ranking mode."),
+    "export": ("export an adapter or a merge for a serving engine (llama.cpp LoRA GGUF)",
+               "Write a PEFT LoRA adapter or a poc-lora merge as a llama.cpp LoRA adapter (GGUF: the metadata "
+               "and tensor names llama.cpp reads), for llama-cli and llama-server, Ollama (ADAPTER) and "
+               "LM Studio. Refuses what llama.cpp cannot apply (embeddings, LM head, modules_to_save, biases, "
+               "DoRA), naming the module. See docs/serving.md."),
     "mfnn": ("the paper's mean-field network experiments (Figure 1, Figure 2, Table 2)",
              "Two-layer mean-field networks trained by noisy gradient descent (MFLD), merged, and "
              "compared with a wide network, at the paper's settings by default."),
@@ -191,6 +196,12 @@ def _eval_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, obje
     p.add_argument("--dtype", default=ModelArguments.dtype, help="base model dtype: auto, float32, bfloat16, float16")
     p.add_argument("--output", "-o", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="recompute finished suite/model pairs")
+    p.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="llama.cpp: --base_model and the adapters are GGUF files (poc-lora export), scored by "
+                        "llama.cpp in rank or choice mode (needs the serve extra; docs/serving.md)")
+    p.add_argument("--tokenizer", default=None,
+                   help="--engine llama.cpp: the Hugging Face tokenizer whose token ids are fed to llama.cpp "
+                        "(default: the one embedded in the base GGUF)")
     return p, KeyParser(p, [("eval", EvalArguments, None)])
 
 
@@ -202,6 +213,35 @@ def _run_eval(args: argparse.Namespace, sections: dict[str, dict]) -> int:
     for f in dataclasses.fields(ev):
         setattr(args, f.name, getattr(ev, f.name))
     return main_eval(args)
+
+
+# ---------------------------------------------------------------------------- export
+def _export_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    p = _parser("export", prog)
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT LoRA adapter or poc-lora merge directory")
+    p.add_argument("--format", choices=["gguf"], default="gguf", help="output format: gguf (llama.cpp LoRA adapter)")
+    p.add_argument("--output", "-o", required=True, help="the .gguf file to write")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32", help="tensor type")
+    p.add_argument("--base_model", default=None,
+                   help="base model whose config.json names the architecture (default: the adapter's "
+                        "base_model_name_or_path); with --merge_into_base, the base GGUF file")
+    p.add_argument("--merge_into_base", action="store_true",
+                   help="write the whole merged model GGUF instead: the base GGUF (--base_model FILE.gguf, default: "
+                        "the GGUF the adapter's base was converted from) with the update folded into the adapted "
+                        "tensors (written in --outtype; the others copied as stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return p, None
+
+
+def _run_export(args: argparse.Namespace, sections: dict[str, dict]) -> int:
+    from .merge.gguf_export import export_gguf, export_merged_gguf
+
+    export = export_merged_gguf if args.merge_into_base else export_gguf
+    out = export(args.adapter_dir, args.output, outtype=args.outtype, base_model=args.base_model,
+                 overwrite=args.overwrite)
+    how = f"-m {out}" if args.merge_into_base else f"--lora {out}"
+    print(f"wrote {out}: load it with llama.cpp's {how} (docs/serving.md)")
+    return 0
 
 
 # ---------------------------------------------------------------------------- mfnn
@@ -289,7 +329,8 @@ def _run_demo(args: argparse.Namespace, sections: dict[str, dict]) -> int:
 # options and its config keys, for --help and docs/cli.md) and its KeyParser (None: no keys).
 _COMMANDS: dict[str, tuple[Callable[..., tuple[argparse.ArgumentParser, object]], Callable[..., int]]] = {
     "train": (_train_parser, _run_train), "ensemble": (_ensemble_parser, _run_ensemble),
-    "merge": (_merge_parser, _run_merge), "eval": (_eval_parser, _run_eval), "mfnn": (_mfnn_parser, _run_mfnn),
+    "merge": (_merge_parser, _run_merge), "eval": (_eval_parser, _run_eval),
+    "export": (_export_parser, _run_export), "mfnn": (_mfnn_parser, _run_mfnn),
     "pipeline": (_pipeline_parser, _run_pipeline), "demo": (_demo_parser, _run_demo),
 }
 COMMANDS = tuple(_COMMANDS)

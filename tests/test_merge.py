@@ -35,14 +35,15 @@ def make_base(kind: str = "llama", seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides})).eval()
 
 
-def make_adapter(path: Path, base, seed: int, **lora_kwargs) -> Path:
-    """Save a PEFT adapter whose trainable tensors are random (seeded), not PEFT's zero B."""
+def make_adapter(path: Path, base, seed: int, std: float = 0.5, **lora_kwargs) -> Path:
+    """Save a PEFT adapter whose trainable tensors are random (seeded, standard deviation ``std``),
+    not PEFT's zero B."""
     model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
     model.save_pretrained(str(path))
     return path
 
