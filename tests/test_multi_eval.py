@@ -16,6 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+import eval_harness.loading as loading
 import eval_harness.runner as runner
 from eval_harness import evaluate
 from eval_harness.data import load_suite
@@ -76,8 +77,8 @@ def _run(env, layers, mode, batch_models, out, dtype="auto"):
 @pytest.mark.parametrize("layers,mode", [("upper", "rank"), ("upper", "choice"), ("all", "rank"), ("all", "choice")])
 def test_many_models_equal_one_by_one(env, layers, mode, monkeypatch):
     built = []
-    real = runner.build_multi_model
-    monkeypatch.setattr(runner, "build_multi_model", lambda model, paths: built.append(len(paths)) or real(model, paths))
+    real = loading.build_multi_model
+    monkeypatch.setattr(loading, "build_multi_model", lambda model, paths: built.append(len(paths)) or real(model, paths))
     root = env["root"] / f"{layers}-{mode}"
     together = _run(env, layers, mode, True, root / "together")
     assert built == [len(MODELS)]  # one multi-model for all five, reused for the second suite
@@ -234,7 +235,7 @@ def test_lora_keys_peft_would_skip_are_refused_by_name(env, layout, batch_models
 
 
 def test_generate_mode_and_the_flag_evaluate_one_at_a_time(env, monkeypatch):
-    monkeypatch.setattr(runner, "build_multi_model", lambda *a: pytest.fail("models were batched"))
+    monkeypatch.setattr(loading, "build_multi_model", lambda *a: pytest.fail("models were batched"))
     adapters, merged = env["sets"]["upper"]
     evaluate(str(env["base"]), adapters[:2], merged, data_dir=env["data"], output=env["root"] / "gen", tasks="boolq",
              mode="generate", limit=2, batch_size=2, num_beams=1, max_new_tokens=3)
