@@ -80,6 +80,12 @@ _HELP = {
     "pipeline": ("train M adapters, merge, evaluate, report (resumable)",
                  "Ensemble training -> PoC merge (and variants) -> evaluation -> report. Keys: the "
                  "pipeline, merge and eval sections, and every training key (applied over train_config)."),
+    "plan": ("GPU memory, FLOPs and steps of a training recipe per ensemble strategy, traced without a GPU",
+             "Build the recipe's base model on the meta device from its architecture (built-in Llama-2-7B / "
+             "Llama-3-8B cards, the embedded models, a local config.json), attach its LoRA as training does, and "
+             "trace one micro-batch forward and backward per strategy: GiB per GPU (weights, LoRA, NoisyAdamW "
+             "state, activations, logits), FLOPs per optimizer step, steps per epoch, and whether it fits "
+             "--gpu_memory. Refuses a LoRA the architecture cannot take. Training keys override the config."),
     "demo": ("the whole method offline on a CPU: tiny pipeline (M=4) + MFNN Figure 1",
              "Runs, offline on a CPU, the tiny pipeline (4 adapters on a tiny Llama and synthetic "
              "commonsense suites, merged and evaluated) and the MFNN Figure 1 experiment."),
@@ -303,6 +309,44 @@ def _run_pipeline(args: argparse.Namespace, sections: dict[str, dict]) -> int:
     return main_pipeline(cfg, args.output, overwrite=args.overwrite)
 
 
+# ---------------------------------------------------------------------------- plan
+def _plan_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
+    p = _parser("plan", prog)
+    p.add_argument("--config", required=True, help="training or pipeline YAML (configs/train/, configs/pipeline/)")
+    p.add_argument("--num_adapters", "-M", type=int, default=None,
+                   help="ensemble members M (default: the pipeline config's, else 8, the paper's)")
+    p.add_argument("--strategy", choices=list(STRATEGIES), default=None, help="plan one strategy (default: all three)")
+    p.add_argument("--data_order", choices=list(DATA_ORDERS), default=None,
+                   help="batched members' micro-batches (default: the pipeline config's, else per_member)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs of --strategy parallel (default: M, one member each)")
+    p.add_argument("--gpu_memory", type=float, default=80.0, help="GiB per GPU the plan is checked against")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a Markdown table")
+    p.add_argument("--output", "-o", default=None, help="also write the plan as JSON to this file")
+    p.add_argument("--measure", action="store_true",
+                   help="also run each step for real on this CPU and show the measured torch-allocated peak "
+                        "(models that fit in RAM: the tiny model, SmolLM2)")
+    return p, KeyParser(p, _train_sections())
+
+
+def _run_plan(args: argparse.Namespace, sections: dict[str, dict]) -> int:
+    import json
+
+    from .outputs import write_json
+    from .planning import load_recipe, plan_recipe
+
+    recipe = load_recipe(args.config, _updates(sections))
+    plan = plan_recipe(recipe, args.num_adapters, [args.strategy] if args.strategy else None, args.gpus,
+                       args.gpu_memory, args.data_order)
+    if args.measure:
+        from .plancheck import measure_plan
+
+        measure_plan(plan, recipe)
+    if args.output:
+        write_json(args.output, plan.to_dict())
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.markdown())
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo
 def _demo_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, object]:
     p = _parser("demo", prog)
@@ -331,7 +375,7 @@ _COMMANDS: dict[str, tuple[Callable[..., tuple[argparse.ArgumentParser, object]]
     "train": (_train_parser, _run_train), "ensemble": (_ensemble_parser, _run_ensemble),
     "merge": (_merge_parser, _run_merge), "eval": (_eval_parser, _run_eval),
     "export": (_export_parser, _run_export), "mfnn": (_mfnn_parser, _run_mfnn),
-    "pipeline": (_pipeline_parser, _run_pipeline), "demo": (_demo_parser, _run_demo),
+    "pipeline": (_pipeline_parser, _run_pipeline), "plan": (_plan_parser, _run_plan), "demo": (_demo_parser, _run_demo),
 }
 COMMANDS = tuple(_COMMANDS)
 

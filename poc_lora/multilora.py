@@ -168,7 +168,7 @@ class MultiLoraLinear(nn.Module):
         # PEFT casts the input to the adapter's dtype (fp32 adapters on a bf16 base); under
         # autocast the products below run in the autocast dtype anyway, so cast once, to that.
         device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
+        autocast = device != "meta" and torch.is_autocast_enabled(device)  # meta: traced by poc-lora plan
         dtype = torch.get_autocast_dtype(device) if autocast else (self.compute_dtype or self.lora_A[0].dtype)
         h = x.to(dtype)
         p = self.dropout if self.training else 0.0

@@ -2,11 +2,16 @@
 # M = 8 Noisy-AdamW LoRA adapters on one 8-GPU machine, one adapter per GPU (no gradient
 # communication), then the PoC merge into <output_dir>/merged (arXiv:2502.05784, Table 1).
 #
-# Expected per adapter (ESTIMATES from the paper's setup, not measured here), each GPU training its
-# own adapter at the same time, so the wall time of the whole ensemble is about one adapter's:
-#   Llama-2-7B, 3 epochs: ~8-12 h per A100-80GB, ~18-22 GB per GPU
-#   Llama-3-8B, 3 epochs: ~10-14 h per A100-80GB, ~24-28 GB per GPU
-#   1-epoch ablation:     a third of the above
+# Per GPU, from `poc-lora plan` (the recipe's step traced at its real shape on the meta device;
+# docs/planning.md): each GPU trains its own adapter at the same time, so the ensemble's wall
+# time is one adapter's:
+#   Llama-2-7B, 3 epochs: 15.9 GiB per GPU (torch-allocated), 165.6 TFLOP x 31,932 steps per adapter
+#   Llama-3-8B, 3 epochs: 22.7 GiB per GPU, 184.4 TFLOP x 31,932 steps per adapter
+#   1-epoch ablation:     the same memory, 10,644 steps
+# Time is not measured: at an assumed 125 TFLOP/s sustained (40% of an A100's bf16 peak) one
+# adapter is ~11.8 h (Llama-2-7B) / ~13.1 h (Llama-3-8B). One 80 GB GPU can instead train all 8
+# Llama-2-7B members together: poc-lora ensemble --strategy batched (39.1 GiB planned).
+# Check another recipe or GPU first: poc-lora plan --config CONFIG --gpu_memory GB
 # The merge itself takes seconds and needs no GPU.
 #
 # Usage: scripts/train_8gpu_ensemble.sh [CONFIG] [--key value ...]

@@ -3,8 +3,8 @@
 # Run this same script on every node with NODE_RANK=0..NUM_NODES-1 and MASTER_ADDR = node 0's
 # address; OUTPUT_DIR must be on a filesystem all nodes share (rank 0 reads every adapter to merge).
 #
-# Expected per adapter (ESTIMATES from the paper's setup, not measured here): as in
-# scripts/train_8gpu_ensemble.sh (Llama-2-7B 3 epochs ~8-12 h per A100-80GB, ~18-22 GB);
+# Per GPU, from `poc-lora plan` (docs/planning.md): as in scripts/train_8gpu_ensemble.sh
+# (Llama-2-7B 15.9 GiB, Llama-3-8B 22.7 GiB per GPU; 31,932 steps per adapter for 3 epochs);
 # with NUM_NODES x GPUS_PER_NODE >= M the whole ensemble takes about one adapter's time.
 #
 #   NODE_RANK=0 MASTER_ADDR=10.0.0.1 scripts/train_multinode.sh configs/train/llama2_7b_commonsense.yaml

@@ -132,7 +132,7 @@ def test_generated_block_replaces_only_the_text_between_its_markers():
         == list(method_names())
 
 
-@pytest.mark.parametrize("command", [["train"], ["ensemble"], ["merge"], ["eval"], ["export"], ["pipeline"],
+@pytest.mark.parametrize("command", [["train"], ["ensemble"], ["merge"], ["eval"], ["export"], ["pipeline"], ["plan"],
                                      ["demo"], ["mfnn", "figure1"], ["mfnn", "figure2"], ["mfnn", "table2"]])
 def test_cli_page_lists_every_option_of_the_real_help(command, capsys):
     # argparse's own --help output, not the generator's walk, is the reference here (without the

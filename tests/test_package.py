@@ -13,7 +13,7 @@ import poc_lora
 from poc_lora.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "ensemble", "merge", "eval", "export", "mfnn", "pipeline", "demo"]
+COMMANDS = ["train", "ensemble", "merge", "eval", "export", "mfnn", "pipeline", "plan", "demo"]
 
 
 def test_version_matches_pyproject():
