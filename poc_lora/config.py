@@ -152,7 +152,7 @@ class MergeArguments:
 
     methods: list[str] = field(default_factory=lambda: ["poc"], metadata={
         "help": "pipeline: merge methods to run (poc is the paper's; svd, prune for its variants; soup, ties, "
-                "dare_linear, dare_ties as baselines)"})
+                "dare_linear, dare_ties, model_stock as baselines)"})
     rank: int | None = field(default=None, metadata={
         "help": "target rank K for svd/prune/ties/dare_linear/dare_ties (pipeline default: one adapter's rank)"})
     seed: int = field(default=0, metadata={"help": "seed for the methods that draw (prune, dare_linear, dare_ties)"})

@@ -95,6 +95,34 @@ class LoraStack:
         ``dW = sum_j w_j s_j B_j A_j``. Computed once, a new tensor (``b`` is left as it is)."""
         return self.b * self.column_weights[None, :]
 
+    @cached_property
+    def gram_a(self) -> torch.Tensor:
+        """``A' A'^T`` (N x N), float32; computed once and shared by the method and the report."""
+        return self.a @ self.a.T
+
+    @cached_property
+    def gram_b(self) -> torch.Tensor:
+        """``B'^T B'`` (N x N, unweighted B' = [s_1 B_1 ... s_M B_M]), float32; computed once."""
+        return self.b.T @ self.b
+
+    @cached_property
+    def inner_products(self) -> torch.Tensor:
+        """``P[i, j] = <dW_i, dW_j>_F`` (M x M, float64) of the unweighted updates
+        ``dW_j = s_j B_j A_j``, from the Gram matrices: ``tr((B_i^T B_j)(A_j A_i^T))``, the sum of
+        the r_i x r_j block of ``gram_b * gram_a``; no out x in matrix is formed."""
+        return gram_inner(self.gram_b, self.gram_a, self.sizes)
+
+
+def gram_inner(gb: torch.Tensor, ga: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``P[i, j] = <dW_i, dW_j>_F`` (M x M, float64) from the Gram matrices of the stacked
+    factors, ``gb = B^T B`` and ``ga = A A^T`` (N x N, N = sum sizes): sums of r_i x r_j blocks
+    of their elementwise product (summed in float64)."""
+    import torch  # at call time: the CLI reads this registry at start-up (see the module docstring)
+
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    s = torch.nn.functional.one_hot(owner, len(sizes)).double()
+    return s.T @ (gb.double() * ga.double()) @ s
+
 
 class Factors(NamedTuple):
     """A method's result: the written update is ``b @ a`` (PEFT scale 1).
@@ -105,6 +133,8 @@ class Factors(NamedTuple):
     ``trunc_sq`` / ``target_sq``: for a method that computes a full out x in update and
     factorises it to rank K (ties, dare_*), the squared error of that factorisation and the
     squared norm of the full update (None: the method writes its result as it is).
+    ``extra``: per-module numbers the method reports beside the standard ones (JSON scalars,
+    written into the module's entry of ``merge_report.json``, e.g. Model Stock's ``t``).
     """
 
     b: torch.Tensor
@@ -112,6 +142,7 @@ class Factors(NamedTuple):
     err_sq: float | None = None
     trunc_sq: float | None = None
     target_sq: float | None = None
+    extra: dict[str, float | int | None] | None = None
 
 
 # (stack, rank, generator, **parameters) -> Factors; the parameters are those the method declares
@@ -307,4 +338,4 @@ for _info in pkgutil.iter_modules(__path__):
 del _info
 
 __all__ = ["Factors", "LoraStack", "MAJORITY_SIGN_METHODS", "MergeMethod", "PARAMETERS", "check_rank", "get_method",
-           "method_names", "methods_help", "methods_markdown", "register", "resolve_parameters", "unregister"]
+           "gram_inner", "method_names", "methods_help", "methods_markdown", "register", "resolve_parameters", "unregister"]
