@@ -59,7 +59,8 @@ def _sqrt(x: float) -> float:
 
 @dataclass
 class ModuleStats(_ByKey):
-    """One module: input ranks r_j and scales s_j, output rank K, ``norm_dW`` (||s_j B_j A_j||_F
+    """One module: input ranks r_j and scales s_j, output rank K, ``rank_used`` (the neurons
+    whose A row and B column are both non-zero: fewer than K where zero neurons pad), ``norm_dW`` (||s_j B_j A_j||_F
     per adapter), ``norm_merged`` (||dW_merged||_F of the exact merge), ``spread``, ``rel_error``
     (||written - exact||_F / ||exact||_F; 0 for an exact method), ``truncation_error``
     (||written - X||_F / ||X||_F, X the method's own full result before the rank-K SVD of the
@@ -75,6 +76,7 @@ class ModuleStats(_ByKey):
     rank_in: list[int]
     scale_in: list[float]
     rank_out: int
+    rank_used: int
     norm_dW: list[float]
     norm_merged: float
     spread: float
@@ -89,6 +91,7 @@ class ModuleStats(_ByKey):
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank_in": list(self.rank_in), "scale_in": list(self.scale_in), "rank_out": self.rank_out,
+                "rank_used": self.rank_used,
                 "norm_dW": list(self.norm_dW), "norm_merged": self.norm_merged, "spread": self.spread,
                 "rel_error": self.rel_error, "truncation_error": self.truncation_error, **self.extra}
 
@@ -121,8 +124,11 @@ def module_stats(stack: LoraStack, out: Factors, exact: bool, scales: Sequence[f
         trunc_sq = 0.0
         target_sq = norm_sq if exact else (out_sq if out_sq is not None else
                                            float(((out.b.T @ out.b) * (out.a @ out.a.T)).sum()))
+    # neurons with both factors non-zero: below rank_out where zero neurons pad a module with
+    # fewer directions than K (svd, ties, dare_*) or an input left a module untouched (B_j = 0)
+    used = int(((out.b != 0).any(0) & (out.a != 0).any(1)).sum())
     return ModuleStats(
-        rank_in=list(stack.sizes), scale_in=list(scales), rank_out=int(out.a.shape[0]),
+        rank_in=list(stack.sizes), scale_in=list(scales), rank_out=int(out.a.shape[0]), rank_used=used,
         norm_dW=[_sqrt(float(x)) for x in p.diagonal()], norm_merged=_sqrt(norm_sq), spread=spread(p),
         rel_error=math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0,
         pairwise_inner=p, err_sq=err_sq, norm_sq=norm_sq,

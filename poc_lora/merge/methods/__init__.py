@@ -154,10 +154,13 @@ PARAMETERS: dict[str, tuple[object, str]] = {
                      "by 1/density), in (0, 1]"),
     "majority_sign_method": ("total", "TIES sign election: total (sign of the sum) or frequency (sign of the "
                                       "count of signs)"),
+    "exact_svd": (False, "ties/dare_*: true = the earlier exact path (all M full updates at once, DARE's draws "
+                         "PEFT's, full SVD to rank K); default false = blocked, seeded randomized SVD "
+                         "(squared error within 1.01x the optimum, checked by the bench)"),
 }
 MAJORITY_SIGN_METHODS = ("total", "frequency")
 # what the methods table shows for a parameter in a report label
-_PARAMETER_SYMBOLS = {"density": "d", "majority_sign_method": "total"}
+_PARAMETER_SYMBOLS = {"density": "d", "majority_sign_method": "total", "exact_svd": "false"}
 
 
 @dataclass(frozen=True)
@@ -277,7 +280,8 @@ def check_rank(name: str, rank: int | None) -> None:
 def resolve_parameters(name: str, **given: object) -> dict[str, object]:
     """The parameters method ``name`` runs with: each it declares, as given or its default.
 
-    ``given``: ``density`` and ``majority_sign_method`` as the user gave them (None: not given).
+    ``given``: ``density``, ``majority_sign_method`` and ``exact_svd`` as the user gave them
+    (None: not given).
 
     Raises:
         ConfigError: an unknown parameter, a value out of range, or a parameter given to a
@@ -285,7 +289,7 @@ def resolve_parameters(name: str, **given: object) -> dict[str, object]:
 
     Example:
         >>> resolve_parameters("ties", density=0.2)
-        {'density': 0.2, 'majority_sign_method': 'total'}
+        {'density': 0.2, 'majority_sign_method': 'total', 'exact_svd': False}
     """
     method = get_method(name)
     for key, value in given.items():
@@ -302,6 +306,8 @@ def resolve_parameters(name: str, **given: object) -> dict[str, object]:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < float(density) <= 1:
             raise ConfigError(f"--density must be a number in (0, 1], got {density!r}")
         out["density"] = float(density)
+    if "exact_svd" in out and not isinstance(out["exact_svd"], bool):
+        raise ConfigError(f"--exact_svd must be true or false, got {out['exact_svd']!r}")
     if "majority_sign_method" in out and out["majority_sign_method"] not in MAJORITY_SIGN_METHODS:
         raise ConfigError(f"--majority_sign_method must be one of {', '.join(MAJORITY_SIGN_METHODS)}, "
                           f"got {out['majority_sign_method']!r}")
@@ -338,4 +344,5 @@ for _info in pkgutil.iter_modules(__path__):
 del _info
 
 __all__ = ["Factors", "LoraStack", "MAJORITY_SIGN_METHODS", "MergeMethod", "PARAMETERS", "check_rank", "get_method",
-           "gram_inner", "method_names", "methods_help", "methods_markdown", "register", "resolve_parameters", "unregister"]
+           "gram_inner", "method_names", "methods_help", "methods_markdown", "register", "resolve_parameters",
+           "unregister"]
