@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="runs per job; the fastest counts (shared machines)")
     p.add_argument("--workdir", default=None, help="where to generate (default: a temporary directory)")
     p.add_argument("--json", default=None, help="also write the results and verdicts to this JSON file")
+    p.add_argument("--inputs", default=None, help="directory of the generated adapters: generated there if it holds "
+                                                  "none, else reused (several bench runs on the same inputs)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     p.add_argument("dirs", nargs="*", help=argparse.SUPPRESS)
@@ -192,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench_merge_", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        _run_child("--_child", "generate", "--_out", str(root / "inputs"), "--num-adapters", str(args.num_adapters),
-                   "--layers", str(args.layers), "--rank", str(args.rank), "--hidden", str(args.hidden))
-        dirs = sorted((root / "inputs").iterdir())
+        inputs = Path(args.inputs) if args.inputs else root / "inputs"
+        if not (inputs / "adapter_0" / "adapter_model.safetensors").is_file():  # generated once, then reused
+            shutil.rmtree(inputs, ignore_errors=True)
+            _run_child("--_child", "generate", "--_out", str(inputs), "--num-adapters", str(args.num_adapters),
+                       "--layers", str(args.layers), "--rank", str(args.rank), "--hidden", str(args.hidden))
+        dirs = sorted(inputs.iterdir())
         in_size = (dirs[0] / "adapter_model.safetensors").stat().st_size
-        print(f"generated {len(dirs)} adapters of {in_size / 2**20:.0f} MiB ({args.layers} layers, r={args.rank}) "
-              f"in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"inputs: {len(dirs)} adapters of {in_size / 2**20:.0f} MiB ({args.layers} layers, r={args.rank}) "
+              f"in {inputs} ({time.perf_counter() - t0:.0f} s)", flush=True)
         jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
         unknown = sorted(set(jobs) - set(JOBS))
         if unknown:
@@ -210,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             results[job] = min(runs, key=lambda r: r["wall_s"])
             results[job]["peak_rss"] = max(r["peak_rss"] for r in runs)
             print(f"  {job}: " + ", ".join(f"{r['wall_s']:.1f} s" for r in runs), flush=True)
+            if args.json:  # as it goes: a long run stopped early keeps what it measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({"results": results}, indent=2))
         out_size = results["poc"]["out_size"]
         floor = results["floor"]["wall_s"]
         merges = {job: r for job, r in results.items() if job in METHODS}

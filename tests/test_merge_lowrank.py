@@ -130,6 +130,8 @@ def test_rank_above_a_module_width_is_padded_and_recorded(tmp_path, capsys):
     out = tmp_path / "ties"
     assert main(["merge", *map(str, dirs), "--output", str(out), "--method", "ties", "--rank", "20",
                  "--exact_svd", "true"]) == 0
+    progress = capsys.readouterr().err  # tqdm over modules: done / total, with the time left
+    assert "merge (ties)" in progress and "2/2 [" in progress and "<" in progress
     report = json.loads((out / "merge_report.json").read_text())
     updates = [dense_updates(d) for d in dirs]
     for name, st in report["modules"].items():

@@ -3,7 +3,8 @@
 Per module: drop each entry of each dW_j with probability 1 - ``density`` and rescale the kept
 ones by 1/density (seeded), then the weighted sum ``sum_j w_j dW_j`` (w_j = 1/M by default, so
 ``density`` 1 gives exactly the PoC merge's update), then its rank-K truncated SVD
-(randomized; exact with ``exact_svd``) (Yu et al., ICML 2024, arXiv:2311.03099). A baseline. The steps are in :mod:`._task_ops`.
+(randomized; exact with ``exact_svd``) (Yu et al., ICML 2024, arXiv:2311.03099). A baseline.
+The steps are in :mod:`._task_ops`.
 
 Example:
     >>> import torch
