@@ -64,7 +64,8 @@ _HELP = {
     "merge": ("merge M PEFT LoRA adapters into one adapter (or a merged model)",
               "PoC merge: dW = sum_j w_j s_j B_j A_j (w_j = 1/M), written as one PEFT adapter of rank "
               "sum r_j, streaming and without loading the base model; baselines (soup, ties, dare_linear, "
-              "dare_ties) beside it. The output has one rank and scale 1 in every module, so PEFT, vLLM and "
+              "dare_ties, model_stock) beside it. The output has one rank and scale 1 in every module, so PEFT, "
+              "vLLM and "
               "llama.cpp read the same update; the summary names the vLLM --max-lora-rank it needs."),
     "eval": ("evaluate a base model with adapters on the commonsense suites",
              "Evaluate on the eight commonsense suites (LLM-Adapters layout) in the paper's generation "
@@ -146,7 +147,7 @@ def _run_ensemble(args: argparse.Namespace, sections: dict[str, dict]) -> int:
 
 
 # --------------------------------------------------------------------------- merge
-MERGE_KEYS = ("rank", "seed", "density", "majority_sign_method", "serve_rank", "weights", "dtype",
+MERGE_KEYS = ("rank", "seed", "density", "majority_sign_method", "exact_svd", "serve_rank", "weights", "dtype",
               "allow_different_base")
 
 

@@ -159,7 +159,7 @@ class MergeArguments:
 
     methods: list[str] = field(default_factory=lambda: ["poc"], metadata={
         "help": "pipeline: merge methods to run (poc is the paper's; svd, prune for its variants; soup, ties, "
-                "dare_linear, dare_ties as baselines)"})
+                "dare_linear, dare_ties, model_stock as baselines)"})
     rank: int | None = field(default=None, metadata={
         "help": "target rank K for svd/prune/ties/dare_linear/dare_ties (pipeline default: one adapter's rank)"})
     seed: int = field(default=0, metadata={"help": "seed for the methods that draw (prune, dare_linear, dare_ties)"})
@@ -167,6 +167,10 @@ class MergeArguments:
         "help": "ties/dare_*: fraction of each update's entries kept, in (0, 1] (default 0.5)"})
     majority_sign_method: str | None = field(default=None, metadata={
         "help": "ties/dare_ties sign election: total (sign of the weighted sum) or frequency (default total)"})
+    exact_svd: bool | None = field(default=None, metadata={
+        "help": "ties/dare_*: true = factorise each full merged update by a full SVD (the earlier exact, slow path; "
+                "DARE's draws PEFT's); default: a seeded randomized SVD, blocked, within 1.01x the optimal "
+                "squared error"})
     serve_rank: str | None = field(default=None, metadata={
         "help": "auto or N: SVD-truncate every module to the largest vLLM max_lora_rank <= N (auto: the smallest "
                 "allowed value >= the merged rank, at most 512); default: no truncation"})

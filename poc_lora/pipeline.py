@@ -67,7 +67,8 @@ REPORT_LAYOUT = 2
 
 # The pipeline command's keys: its own sections (the eval keys it uses), then every training key.
 PIPELINE_SECTIONS = (("pipeline", None),
-                     ("merge", ("methods", "rank", "seed", "density", "majority_sign_method", "serve_rank")),
+                     ("merge", ("methods", "rank", "seed", "density", "majority_sign_method", "exact_svd",
+                               "serve_rank")),
                      ("eval", ("data_dir", "tasks", "mode", "choice_format", "limit", "batch_size", "num_beams",
                                "include_base", "batch_models", "ensemble")))
 # Keys of the flat pipeline YAMLs of earlier releases -> their key now.
@@ -185,7 +186,8 @@ class PipelineConfig:
         """The parameters ``method`` runs with: the merge section's density and sign election
         where the method takes them (the others ignore them), else the defaults."""
         spec = get_method(method)
-        given = {"density": self.merge.density, "majority_sign_method": self.merge.majority_sign_method}
+        given = {"density": self.merge.density, "majority_sign_method": self.merge.majority_sign_method,
+                 "exact_svd": self.merge.exact_svd}
         return resolve_parameters(method, **{k: v for k, v in given.items() if k in spec.parameters})
 
     def train_config(self, output_dir: str | os.PathLike) -> Any:
@@ -205,7 +207,7 @@ class PipelineConfig:
             "train_overrides": {k.split(".", 1)[1]: v for k, v in self.train_updates.items()},
             "merge_methods": list(m.methods), "merge_rank": m.rank, "merge_seed": m.seed,
             # the newer merge keys only when set: the settings (and stage hashes) of earlier runs stay as they were
-            **{f"merge_{k}": getattr(m, k) for k in ("density", "majority_sign_method", "serve_rank")
+            **{f"merge_{k}": getattr(m, k) for k in ("density", "majority_sign_method", "exact_svd", "serve_rank")
                if getattr(m, k) is not None},
             "eval_data_dir": e.data_dir, "eval_tasks": e.tasks, "eval_mode": e.mode, "eval_limit": e.limit,
             "eval_batch_size": e.batch_size, "eval_num_beams": e.num_beams, "include_base": e.include_base,

@@ -6,8 +6,8 @@ The paper's merge (Nitanda et al., ICML 2025, arXiv:2502.05784, §3 and §5.2) i
 
 * :mod:`.plan`: the inputs, read lazily and checked, and the output ranks (:func:`make_plan`);
 * :mod:`.methods`: the registry of merge methods (``poc``, ``svd``, ``prune``, ``soup``, ``ties``,
-  ``dare_linear``, ``dare_ties``, one file each), each a pure function from the stacked factors
-  of one module to the written factors;
+  ``dare_linear``, ``dare_ties``, ``model_stock``, one file each), each a pure function from the
+  stacked factors of one module to the written factors;
   :mod:`.compute` feeds them module by module and :mod:`.stats` computes typed statistics;
 * :mod:`.writer` (a merged adapter) or :mod:`.base` (the base model plus the merged update):
   streaming, into an atomic output, with ``merge_report.json`` and a model card.

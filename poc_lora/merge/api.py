@@ -51,6 +51,7 @@ def merge_adapters(
     density: float | None = None,
     majority_sign_method: str | None = None,
     serve_rank: int | str | None = None,
+    exact_svd: bool | None = None,
 ) -> MergeReport:
     """Merge PEFT LoRA adapters into one adapter (or, with ``merge_into_base``, one model).
 
@@ -62,7 +63,9 @@ def merge_adapters(
     ``majority_sign_method`` (``"total"`` or ``"frequency"``): for the methods that take them
     (ties, dare_*). ``serve_rank``: ``"auto"`` or N, truncate every module by SVD to the largest
     vLLM ``--max-lora-rank`` value <= N (auto: the smallest >= the merged rank, at most 512).
-    The written adapter has one rank and scale 1 in every module; the report records the vLLM
+    ``exact_svd``: ties/dare_* factorise the full update by a full SVD (the earlier, exact and
+    slow path) instead of the seeded randomized one (None/False: randomized; True for another
+    method is refused). The written adapter has one rank and scale 1 in every module; the report records the vLLM
     ``--max-lora-rank`` it needs. Everything is validated before the output is created; the
     output is built in a temporary sibling and renamed at the end, so a failure leaves nothing
     behind.
@@ -84,7 +87,8 @@ def merge_adapters(
         raise ConfigError("--serve_rank applies to a merged adapter; --merge_into_base writes a full model")
     plan = make_plan(adapters, output, method, weights, rank, seed, dtype, overwrite=overwrite,
                      allow_different_base=allow_different_base, density=density,
-                     majority_sign_method=majority_sign_method, serve_rank=serve_rank)
+                     majority_sign_method=majority_sign_method, serve_rank=serve_rank,
+                     exact_svd=exact_svd or None)
     written_rank = None if merge_into_base else plan.written_rank
     vllm_rank = None if written_rank is None else vllm_max_lora_rank(written_rank)
     if written_rank is not None and vllm_rank is None:
@@ -138,7 +142,7 @@ def main_merge(args: argparse.Namespace) -> int:
         seed=args.seed, base_model=args.base_model, dtype=args.dtype, overwrite=args.overwrite,
         allow_different_base=args.allow_different_base, merge_into_base=args.merge_into_base,
         density=args.density, majority_sign_method=args.majority_sign_method,
-        serve_rank=args.serve_rank,
+        serve_rank=args.serve_rank, exact_svd=args.exact_svd,
     )
     print(report.summary())
     return 0

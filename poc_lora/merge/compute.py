@@ -99,7 +99,7 @@ class ModuleMerger:
         plan = self.plan
         mods = [ad.modules[name] for ad in plan.adapters]
         stack = self.read_stack(name)
-        ga, gb = stack.a @ stack.a.T, stack.b.T @ stack.b
+        ga, gb = stack.gram_a, stack.gram_b  # cached on the stack: the method and the report share them
         if not (torch.isfinite(ga.diagonal()).all() and torch.isfinite(gb.diagonal()).all()):
             # sums of squares are finite iff the factors are (barring 1e19-sized values): name the culprit
             for ad, m in zip(plan.adapters, mods):
@@ -115,8 +115,8 @@ class ModuleMerger:
         exact = plan.method.exact
         if declared > k:  # --serve_rank: the best rank-k approximation of what the method wrote
             b, a, trunc_sq, target_sq = svd_truncate(out.b.float(), out.a.float(), k)
-            out, exact = Factors(b, a, None, trunc_sq, target_sq), False
-        stats = module_stats(stack, gb, ga, out, exact, [m.scale for m in mods])
+            out, exact = Factors(b, a, None, trunc_sq, target_sq, out.extra), False
+        stats = module_stats(stack, out, exact, [m.scale for m in mods])
         bias = merged_lora_bias(plan, name) if any(m.bias_key for m in mods) else None
         a_shape, b_shape = mods[0].a_shape, mods[0].b_shape
         return ModuleResult(out.a.float().reshape(k, *a_shape[1:]), out.b.float().reshape(b_shape[0], k, *b_shape[2:]),

@@ -145,8 +145,11 @@ def output_ranks(adapters: list[Adapter], method: MergeMethod, rank: int | None,
 
     Raises:
         AdapterError: a method that needs equal ranks gets different ones (naming the adapter).
-        ConfigError: ``rank`` exceeds a module's total rank sum_j r_j, or for a method on the
-            full update (``method.dense``) the module's min(out, in).
+        ConfigError: ``rank`` exceeds a module's total rank sum_j r_j (methods on the factors).
+            A method on the full update (``method.dense``) takes any K: a module whose update
+            has fewer than K directions (min(out, in) < K) is padded with zero neurons, as
+            ``svd`` pads one whose merge has fewer; the report records each module's
+            ``rank_used``.
     """
     out = {}
     for name in names:
@@ -155,13 +158,7 @@ def output_ranks(adapters: list[Adapter], method: MergeMethod, rank: int | None,
             j = next(i for i, r in enumerate(ranks) if r != ranks[0])
             raise AdapterError(f"{adapters[j].label}: module {name} has rank {ranks[j]} but {adapters[0].label} "
                                f"has {ranks[0]}; --method {method.name} needs equal ranks")
-        if method.needs_rank and method.dense:
-            m = adapters[0].modules[name]
-            n_out, n_in = m.b_shape[0], math.prod(m.a_shape[1:])
-            if rank > min(n_out, n_in):
-                raise ConfigError(f"--rank {rank} is larger than min(out, in) = {min(n_out, n_in)} of module {name} "
-                                  f"({n_out} x {n_in}), the largest rank its update can have")
-        elif method.needs_rank and rank > sum(ranks):
+        if method.needs_rank and not method.dense and rank > sum(ranks):
             raise ConfigError(f"--rank {rank} is larger than the total rank {sum(ranks)} of module {name}")
         out[name] = method.output_rank(ranks, rank)
     return out
@@ -188,12 +185,12 @@ def check_zero_sum(adapters: list[Adapter], method: MergeMethod) -> None:
 def make_plan(adapter_dirs: Sequence[str | Path], output: Path, method: str, weights: Sequence[float] | None,
               rank: int | None, seed: int, dtype: str | torch.dtype | None, *, overwrite: bool,
               allow_different_base: bool, density: float | None = None, majority_sign_method: str | None = None,
-              serve_rank: int | str | None = None) -> MergePlan:
+              serve_rank: int | str | None = None, exact_svd: bool | None = None) -> MergePlan:
     """Read and check everything a merge needs; the adapters stay open (``plan.close()``).
 
     ``weights``: w_j (default 1/M). ``dtype``: of the written tensors (default: the inputs'
-    dtype, float32 when they differ). ``density``, ``majority_sign_method``: for the methods
-    that take them (None: the default). ``serve_rank``: ``"auto"`` or N, the cap on every
+    dtype, float32 when they differ). ``density``, ``majority_sign_method``, ``exact_svd``: for
+    the methods that take them (None: the default). ``serve_rank``: ``"auto"`` or N, the cap on every
     module's rank (``serving.serve_cap``).
 
     Raises:
@@ -207,7 +204,8 @@ def make_plan(adapter_dirs: Sequence[str | Path], output: Path, method: str, wei
     check_output_not_input(output, dirs)
     check_output_path(output, overwrite)
     check_rank(spec.name, rank)
-    params = resolve_parameters(spec.name, density=density, majority_sign_method=majority_sign_method)
+    params = resolve_parameters(spec.name, density=density, majority_sign_method=majority_sign_method,
+                                exact_svd=exact_svd)
     if weights is None:
         weights = [1.0 / len(dirs)] * len(dirs)
     weights = [float(w) for w in weights]

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .methods import Factors, LoraStack, get_method
+from .methods import Factors, LoraStack, get_method, gram_inner
 
 
 class _ByKey:
@@ -38,15 +38,6 @@ class _ByKey:
 
     def __contains__(self, key: str) -> bool:
         return key in self.to_dict()
-
-
-def gram_inner(gb: torch.Tensor, ga: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """``P[i, j] = <dW_i, dW_j>_F`` (M x M) from the Gram matrices of the stacked factors,
-    ``gb = B^T B`` and ``ga = A A^T`` (N x N, N = sum sizes): sums of r_i x r_j blocks of their
-    elementwise product."""
-    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    s = torch.nn.functional.one_hot(owner, len(sizes)).to(gb.dtype)
-    return s.T @ (gb * ga) @ s
 
 
 def spread(p: torch.Tensor) -> float:
@@ -68,18 +59,24 @@ def _sqrt(x: float) -> float:
 
 @dataclass
 class ModuleStats(_ByKey):
-    """One module: input ranks r_j and scales s_j, output rank K, ``norm_dW`` (||s_j B_j A_j||_F
+    """One module: input ranks r_j and scales s_j, output rank K, ``rank_used`` (the neurons
+    whose A row and B column are both non-zero: fewer than K where zero neurons pad), ``norm_dW`` (||s_j B_j A_j||_F
     per adapter), ``norm_merged`` (||dW_merged||_F of the exact merge), ``spread``, ``rel_error``
     (||written - exact||_F / ||exact||_F; 0 for an exact method), ``truncation_error``
     (||written - X||_F / ||X||_F, X the method's own full result before the rank-K SVD of the
     full-update methods or the ``--serve_rank`` truncation; 0 when nothing was truncated).
 
-    ``pairwise_inner`` (M x M, float32), ``err_sq``, ``norm_sq``, ``trunc_sq`` and
+    ``extra``: the method's own per-module numbers (:attr:`Factors.extra`: Model Stock's ``t``
+    and ``cos``, the rank actually used and the squared truncation errors of the full-update
+    methods), written beside the others.
+
+    ``pairwise_inner`` (M x M, float64), ``err_sq``, ``norm_sq``, ``trunc_sq`` and
     ``target_sq`` are what the totals are summed from; they are not written per module."""
 
     rank_in: list[int]
     scale_in: list[float]
     rank_out: int
+    rank_used: int
     norm_dW: list[float]
     norm_merged: float
     spread: float
@@ -90,24 +87,26 @@ class ModuleStats(_ByKey):
     truncation_error: float = 0.0
     trunc_sq: float = field(default=0.0, repr=False)
     target_sq: float = field(default=0.0, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank_in": list(self.rank_in), "scale_in": list(self.scale_in), "rank_out": self.rank_out,
+                "rank_used": self.rank_used,
                 "norm_dW": list(self.norm_dW), "norm_merged": self.norm_merged, "spread": self.spread,
-                "rel_error": self.rel_error, "truncation_error": self.truncation_error}
+                "rel_error": self.rel_error, "truncation_error": self.truncation_error, **self.extra}
 
 
-def module_stats(stack: LoraStack, gb: torch.Tensor, ga: torch.Tensor, out: Factors, exact: bool,
-                 scales: Sequence[float]) -> ModuleStats:
+def module_stats(stack: LoraStack, out: Factors, exact: bool, scales: Sequence[float]) -> ModuleStats:
     """The statistics of one module's merge.
 
-    ``gb = stack.b^T stack.b`` and ``ga = stack.a stack.a^T`` (N x N, unweighted); ``out`` the
-    method's factors. The squared error is ``out.err_sq`` when the method gives it, 0 for an
-    exact method, else ``||out||^2 + ||target||^2 - 2 <out, target>`` from small Gram products.
-    The truncation error comes from ``out.trunc_sq`` / ``out.target_sq`` (0 when None).
+    The inner products of the inputs come from the stack's Gram matrices
+    (:attr:`LoraStack.inner_products`, shared with the method); ``out`` the method's factors.
+    The squared error is ``out.err_sq`` when the method gives it, 0 for an exact method, else
+    ``||out||^2 + ||target||^2 - 2 <out, target>`` from small Gram products. The truncation
+    error comes from ``out.trunc_sq`` / ``out.target_sq`` (0 when None).
     """
-    p = gram_inner(gb, ga, stack.sizes)
-    w = stack.weight_tensor
+    p = stack.inner_products
+    w = stack.weight_tensor.double()
     norm_sq = float(w @ p @ w)
     out_sq = None
     if out.err_sq is not None:
@@ -125,13 +124,16 @@ def module_stats(stack: LoraStack, gb: torch.Tensor, ga: torch.Tensor, out: Fact
         trunc_sq = 0.0
         target_sq = norm_sq if exact else (out_sq if out_sq is not None else
                                            float(((out.b.T @ out.b) * (out.a @ out.a.T)).sum()))
+    # neurons with both factors non-zero: below rank_out where zero neurons pad a module with
+    # fewer directions than K (svd, ties, dare_*) or an input left a module untouched (B_j = 0)
+    used = int(((out.b != 0).any(0) & (out.a != 0).any(1)).sum())
     return ModuleStats(
-        rank_in=list(stack.sizes), scale_in=list(scales), rank_out=int(out.a.shape[0]),
+        rank_in=list(stack.sizes), scale_in=list(scales), rank_out=int(out.a.shape[0]), rank_used=used,
         norm_dW=[_sqrt(float(x)) for x in p.diagonal()], norm_merged=_sqrt(norm_sq), spread=spread(p),
         rel_error=math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0,
         pairwise_inner=p, err_sq=err_sq, norm_sq=norm_sq,
         truncation_error=math.sqrt(trunc_sq / target_sq) if target_sq > 0 else 0.0,
-        trunc_sq=trunc_sq, target_sq=target_sq,
+        trunc_sq=trunc_sq, target_sq=target_sq, extra=dict(out.extra or {}),
     )
 
 
@@ -240,6 +242,10 @@ class MergeReport(_ByKey):
             lines.append(f"  relative error of the written update vs the exact merge: {o.rel_error:.4g}")
         if o.truncation_error > 0:
             lines.append(f"  relative error of the rank truncation (SVD): {o.truncation_error:.4g}")
+        ratios = [st.extra["t"] for st in self.modules.values() if "t" in st.extra]
+        if ratios:  # Model Stock
+            lines.append(f"  Model Stock ratio t per module: mean {sum(ratios) / len(ratios):.4g}, "
+                         f"range {min(ratios):.4g} to {max(ratios):.4g}")
         if self.written_rank is not None:
             serve = (f"vLLM: --max-lora-rank {self.vllm_max_lora_rank}" if self.vllm_max_lora_rank is not None
                      else "vLLM cannot load it (rank > 512; see the warning)")

@@ -95,6 +95,34 @@ class LoraStack:
         ``dW = sum_j w_j s_j B_j A_j``. Computed once, a new tensor (``b`` is left as it is)."""
         return self.b * self.column_weights[None, :]
 
+    @cached_property
+    def gram_a(self) -> torch.Tensor:
+        """``A' A'^T`` (N x N), float32; computed once and shared by the method and the report."""
+        return self.a @ self.a.T
+
+    @cached_property
+    def gram_b(self) -> torch.Tensor:
+        """``B'^T B'`` (N x N, unweighted B' = [s_1 B_1 ... s_M B_M]), float32; computed once."""
+        return self.b.T @ self.b
+
+    @cached_property
+    def inner_products(self) -> torch.Tensor:
+        """``P[i, j] = <dW_i, dW_j>_F`` (M x M, float64) of the unweighted updates
+        ``dW_j = s_j B_j A_j``, from the Gram matrices: ``tr((B_i^T B_j)(A_j A_i^T))``, the sum of
+        the r_i x r_j block of ``gram_b * gram_a``; no out x in matrix is formed."""
+        return gram_inner(self.gram_b, self.gram_a, self.sizes)
+
+
+def gram_inner(gb: torch.Tensor, ga: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``P[i, j] = <dW_i, dW_j>_F`` (M x M, float64) from the Gram matrices of the stacked
+    factors, ``gb = B^T B`` and ``ga = A A^T`` (N x N, N = sum sizes): sums of r_i x r_j blocks
+    of their elementwise product (summed in float64)."""
+    import torch  # at call time: the CLI reads this registry at start-up (see the module docstring)
+
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    s = torch.nn.functional.one_hot(owner, len(sizes)).double()
+    return s.T @ (gb.double() * ga.double()) @ s
+
 
 class Factors(NamedTuple):
     """A method's result: the written update is ``b @ a`` (PEFT scale 1).
@@ -105,6 +133,8 @@ class Factors(NamedTuple):
     ``trunc_sq`` / ``target_sq``: for a method that computes a full out x in update and
     factorises it to rank K (ties, dare_*), the squared error of that factorisation and the
     squared norm of the full update (None: the method writes its result as it is).
+    ``extra``: per-module numbers the method reports beside the standard ones (JSON scalars,
+    written into the module's entry of ``merge_report.json``, e.g. Model Stock's ``t``).
     """
 
     b: torch.Tensor
@@ -112,6 +142,7 @@ class Factors(NamedTuple):
     err_sq: float | None = None
     trunc_sq: float | None = None
     target_sq: float | None = None
+    extra: dict[str, float | int | None] | None = None
 
 
 # (stack, rank, generator, **parameters) -> Factors; the parameters are those the method declares
@@ -123,10 +154,13 @@ PARAMETERS: dict[str, tuple[object, str]] = {
                      "by 1/density), in (0, 1]"),
     "majority_sign_method": ("total", "TIES sign election: total (sign of the sum) or frequency (sign of the "
                                       "count of signs)"),
+    "exact_svd": (False, "ties/dare_*: true = the earlier exact path (all M full updates at once, DARE's draws "
+                         "PEFT's, full SVD to rank K); default false = blocked, seeded randomized SVD "
+                         "(squared error within 1.01x the optimum, checked by the bench)"),
 }
 MAJORITY_SIGN_METHODS = ("total", "frequency")
 # what the methods table shows for a parameter in a report label
-_PARAMETER_SYMBOLS = {"density": "d", "majority_sign_method": "total"}
+_PARAMETER_SYMBOLS = {"density": "d", "majority_sign_method": "total", "exact_svd": "false"}
 
 
 @dataclass(frozen=True)
@@ -246,7 +280,8 @@ def check_rank(name: str, rank: int | None) -> None:
 def resolve_parameters(name: str, **given: object) -> dict[str, object]:
     """The parameters method ``name`` runs with: each it declares, as given or its default.
 
-    ``given``: ``density`` and ``majority_sign_method`` as the user gave them (None: not given).
+    ``given``: ``density``, ``majority_sign_method`` and ``exact_svd`` as the user gave them
+    (None: not given).
 
     Raises:
         ConfigError: an unknown parameter, a value out of range, or a parameter given to a
@@ -254,7 +289,7 @@ def resolve_parameters(name: str, **given: object) -> dict[str, object]:
 
     Example:
         >>> resolve_parameters("ties", density=0.2)
-        {'density': 0.2, 'majority_sign_method': 'total'}
+        {'density': 0.2, 'majority_sign_method': 'total', 'exact_svd': False}
     """
     method = get_method(name)
     for key, value in given.items():
@@ -271,6 +306,8 @@ def resolve_parameters(name: str, **given: object) -> dict[str, object]:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < float(density) <= 1:
             raise ConfigError(f"--density must be a number in (0, 1], got {density!r}")
         out["density"] = float(density)
+    if "exact_svd" in out and not isinstance(out["exact_svd"], bool):
+        raise ConfigError(f"--exact_svd must be true or false, got {out['exact_svd']!r}")
     if "majority_sign_method" in out and out["majority_sign_method"] not in MAJORITY_SIGN_METHODS:
         raise ConfigError(f"--majority_sign_method must be one of {', '.join(MAJORITY_SIGN_METHODS)}, "
                           f"got {out['majority_sign_method']!r}")
@@ -307,4 +344,5 @@ for _info in pkgutil.iter_modules(__path__):
 del _info
 
 __all__ = ["Factors", "LoraStack", "MAJORITY_SIGN_METHODS", "MergeMethod", "PARAMETERS", "check_rank", "get_method",
-           "method_names", "methods_help", "methods_markdown", "register", "resolve_parameters", "unregister"]
+           "gram_inner", "method_names", "methods_help", "methods_markdown", "register", "resolve_parameters",
+           "unregister"]

@@ -2,9 +2,9 @@
 
 Per module: drop each entry of each dW_j = s_j B_j A_j with probability 1 - ``density`` and
 rescale the kept ones by 1/density (seeded), elect each entry's sign and take the disjoint
-weighted mean as ``ties`` does, then the best rank-K approximation by SVD (Yu et al., ICML 2024,
-arXiv:2311.03099, with the election of Yadav et al., NeurIPS 2023, arXiv:2306.01708). A
-baseline. The steps are in :mod:`._task_ops`.
+weighted mean as ``ties`` does, then its rank-K truncated SVD (randomized; exact with
+``exact_svd``) (Yu et al., ICML 2024, arXiv:2311.03099, with the election of Yadav et al.,
+NeurIPS 2023, arXiv:2306.01708). A baseline. The steps are in :mod:`._task_ops`.
 
 Example:
     >>> import torch
@@ -26,10 +26,11 @@ if TYPE_CHECKING:
 
 
 def dare_ties_merge(stack: LoraStack, rank: int | None, generator: torch.Generator | None = None, *,
-                    density: float = 0.5, majority_sign_method: str = "total") -> Factors:
+                    density: float = 0.5, majority_sign_method: str = "total",
+                    exact_svd: bool = False) -> Factors:
     """Random drop and rescale of the dW_j, elect sign, disjoint mean; rank-``rank`` SVD."""
     return dense_merge(stack, int(rank), generator, sparsify="dare", density=density, elect=True,
-                       majority_sign_method=majority_sign_method)
+                       majority_sign_method=majority_sign_method, exact_svd=exact_svd)
 
 
 METHOD = register(MergeMethod(
@@ -41,10 +42,11 @@ METHOD = register(MergeMethod(
     function=dare_ties_merge,
     card_text="DARE-TIES on the full updates ΔW_j (each entry kept with probability {density} and rescaled by "
               "1/{density}, seed {seed}; sign elected by {majority_sign_method}, disjoint weighted mean), written "
-              "as its best rank-{rank} approximation (truncated SVD); a baseline, NOT the paper's method",
+              "as its rank-{rank} truncated SVD (exact_svd {exact_svd}: false = randomized, within 1% of the best "
+              "squared error); a baseline, NOT the paper's method",
     needs_rank=True,
     uses_seed=True,
-    parameters=("density", "majority_sign_method"),
+    parameters=("density", "majority_sign_method", "exact_svd"),
     dense=True,
     positive_weights=True,
     title="DARE-TIES merge",

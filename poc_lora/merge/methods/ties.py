@@ -2,9 +2,10 @@
 
 Per module: trim each dW_j to its top-``density`` magnitudes, elect each entry's sign (the sign
 of the weighted sum of the trimmed updates, or of the count of their signs), take the disjoint
-mean (the weighted mean over the updates that agree with the elected sign), then the best
-rank-K approximation by SVD (Yadav et al., NeurIPS 2023, arXiv:2306.01708; mergekit's
-normalised form). A baseline, not the paper's method. The steps are in :mod:`._task_ops`.
+mean (the weighted mean over the updates that agree with the elected sign), then its rank-K
+truncated SVD (randomized; exact with ``exact_svd``) (Yadav et al., NeurIPS 2023,
+arXiv:2306.01708; mergekit's normalised form). A baseline, not the paper's method. The steps
+are in :mod:`._task_ops`.
 
 Example:
     >>> import torch
@@ -26,10 +27,11 @@ if TYPE_CHECKING:
 
 
 def ties_merge(stack: LoraStack, rank: int | None, generator: torch.Generator | None = None, *,
-               density: float = 0.5, majority_sign_method: str = "total") -> Factors:
+               density: float = 0.5, majority_sign_method: str = "total",
+               exact_svd: bool = False) -> Factors:
     """Trim, elect sign, disjoint mean of the dW_j; rank-``rank`` SVD of the result."""
     return dense_merge(stack, int(rank), generator, sparsify="trim", density=density, elect=True,
-                       majority_sign_method=majority_sign_method)
+                       majority_sign_method=majority_sign_method, exact_svd=exact_svd)
 
 
 METHOD = register(MergeMethod(
@@ -40,10 +42,11 @@ METHOD = register(MergeMethod(
     reference="Yadav et al., NeurIPS 2023, arXiv:2306.01708; a baseline",
     function=ties_merge,
     card_text="TIES-merging of the full updates ΔW_j (each trimmed to its top {density} fraction of magnitudes, "
-              "sign elected by {majority_sign_method}, disjoint weighted mean), written as its best rank-{rank} "
-              "approximation (truncated SVD); a baseline, NOT the paper's method",
+              "sign elected by {majority_sign_method}, disjoint weighted mean), written as its rank-{rank} "
+              "truncated SVD (exact_svd {exact_svd}: false = randomized, within 1% of the best squared error); "
+              "a baseline, NOT the paper's method",
     needs_rank=True,
-    parameters=("density", "majority_sign_method"),
+    parameters=("density", "majority_sign_method", "exact_svd"),
     dense=True,
     positive_weights=True,
     title="TIES merge",
