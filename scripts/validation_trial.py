@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = _checkpoints(adapter)
     result = evaluate(str(cfg.model.model_name_or_path), [str(p) for _, p in steps], data_dir=val_dir,
                       output=out / "eval", tasks="available", mode=args.mode, limit=limit,
-                      batch_size=args.batch_size, include_base=True, choice_format=args.choice_format)
+                      batch_size=args.batch_size, include_base=True, choice_format=args.choice_format,
+                      ensemble=False)  # checkpoints of one adapter, not an ensemble
     names = [SUITES[s].column for s in result.tasks]
     rows = []
     for key, model in result.models.items():

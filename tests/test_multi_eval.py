@@ -181,7 +181,7 @@ def test_refusals_fall_back_one_by_one(env, plain, caplog, monkeypatch):
             build_multi_model(model, [None, bad])
         assert not any(type(m).__name__ == "MultiLoraLinear" for m in model.modules())  # left unchanged
     adapters, _ = env["sets"]["upper"]
-    with caplog.at_level(logging.INFO, logger="eval_harness.runner"):
+    with caplog.at_level(logging.INFO, logger="eval_harness"):
         result = evaluate(str(env["base"]), [adapters[0], dora], data_dir=env["data"], output=env["root"] / "out-dora",
                           tasks="boolq", mode="rank", limit=3, batch_size=4)
     assert "one at a time" in caplog.text and set(result.models) == {"a0", "dora", "lora-ensemble"}
