@@ -6,14 +6,12 @@ formulas for NLL, Brier and ECE), never taken from the code under test.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from eval_harness import evaluate
 from eval_harness.calibration import calibration, expected_calibration_error, option_probabilities
@@ -23,6 +21,8 @@ from poc_lora.errors import DataError
 from poc_lora.merge import merge_adapters
 from poc_lora.models import load_model
 from poc_lora.testing.tiny_model import build_tiny_model
+# the adapters of the many-models tests: random A and B (PEFT's zero B would make each the base)
+from test_multi_eval import _adapter as random_adapter
 
 # ---------------------------------------------------------------- direct implementations
 
@@ -167,24 +167,14 @@ def test_distance_and_disagreement_against_direct_formulas():
 # ---------------------------------------------------------------- end to end on the tiny model
 
 
-def _adapter(base, path, seed):
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "lora_B" in name else 0.3))
-    model.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("ens")
     base_dir = build_tiny_model(root / "tiny")
     base = load_model(str(base_dir), "float32")
     data = write_synthetic_commonsense(root / "data", train_per_suite=1, test_per_suite=8)
-    adapters = [_adapter(base, root / f"a{j}", j + 1) for j in range(4)]
+    adapters = [random_adapter(base, root / f"a{j}", j + 1, r=4, target_modules=["q_proj", "v_proj"])
+                for j in range(4)]
     merge_adapters(adapters, root / "merged")
     return {"root": root, "base": str(base_dir), "data": data, "adapters": adapters, "merged": root / "merged"}
 
