@@ -54,7 +54,7 @@ from .choice import choice_predictions, choice_request
 from .data import AVAILABLE, available_suites, load_suite, suite_file
 from .loading import DEFAULT_TEMPLATE, ModelSpec, _ModelHolder, _model_specs, _safe_name
 from .results import EvalResult, ModelResult, SuiteResult
-from .summary import (CALIBRATION_COLUMNS, add_ensemble, calibration_table, distance_table, model_result,
+from .summary import (CALIBRATION_COLUMNS, DISTANCE_COLUMNS, add_ensemble, calibration_table, distance_table, model_result,
                       results_table, write_pair)
 from .scoring import (CANDIDATE_FORMAT, candidate_labels, continuation_logprobs, extract_answer, generate_responses,
                       rank_prediction, rank_scores)
@@ -401,7 +401,6 @@ def main_eval(args: argparse.Namespace) -> int:
     if result.ensemble:
         print(f"\nDistance to the {result.ensemble.label} (members' mean pairwise disagreement "
               f"{100 * result.ensemble.disagreement['average']:.2f} %):")
-        print(markdown_table(["Model", "Agreement with ensemble (%)", "KL(ensemble ‖ model)"],
-                             distance_table(result.ensemble), floatfmt=".4f"))
+        print(markdown_table(DISTANCE_COLUMNS, distance_table(result.ensemble), floatfmt=".4f"))
     print(f"\nresults: {result.files['results_md']}, {result.files['summary']}")
     return 0

@@ -40,6 +40,8 @@ CALIBRATION = ("nll", "brier", "ece", "confidence")
 # calibration_table's columns: accuracy and confidence in %, NLL in nats, Brier and ECE as fractions
 CALIBRATION_COLUMNS = ["Method", "Model", "Acc.", "NLL", "Brier", "ECE", "Conf."]
 ENSEMBLE_KEY = "lora-ensemble"
+# distance_table's columns: agreement with the ensemble's predictions in %, KL in nats
+DISTANCE_COLUMNS = ["Model", "Agreement with ensemble (%)", "KL(ensemble ‖ model)"]
 
 
 def write_pair(pair_dir: Path, key: str, kind: str, suite: Suite, rows: list[dict[str, Any]],
@@ -213,10 +215,11 @@ def distance_table(ensemble: EnsembleResult, labels: Mapping[str, str] | None = 
     """One row per model other than the ensemble: agreement with the ensemble's predictions (%)
     and mean KL(ensemble ‖ model) (nats), averaged over the suites."""
     labels = dict(labels or {})
-    return [{"Model": labels.get(k, k), "Agreement with ensemble (%)": 100 * d["agreement"]["average"],
-             "KL(ensemble ‖ model)": d["kl"]["average"] if d["kl"] else None}
+    model, agreement, kl = DISTANCE_COLUMNS
+    return [{model: labels.get(k, k), agreement: 100 * d["agreement"]["average"],
+             kl: d["kl"]["average"] if d["kl"] else None}
             for k, d in ensemble.distances.items() if k != ensemble.key]
 
 
-__all__ = ["CALIBRATION_COLUMNS", "ENSEMBLE_KEY", "KIND_LABELS", "add_ensemble", "calibration_table",
+__all__ = ["CALIBRATION_COLUMNS", "DISTANCE_COLUMNS", "ENSEMBLE_KEY", "KIND_LABELS", "add_ensemble", "calibration_table",
            "distance_table", "model_result", "read_rows", "results_table", "write_pair"]

@@ -28,7 +28,8 @@ from eval_harness.data import load_suite
 from eval_harness.results import EvalResult
 from eval_harness.scoring import candidate_labels
 from eval_harness.suites import AVERAGE_COLUMN, SUITES
-from eval_harness.summary import CALIBRATION_COLUMNS, calibration_table, distance_table, read_rows
+from eval_harness.summary import (CALIBRATION_COLUMNS, DISTANCE_COLUMNS, calibration_table, distance_table,
+                                  read_rows)
 
 from .errors import AdapterError, OutputError
 from .merge.methods import get_method
@@ -191,14 +192,14 @@ def _calibration_section(evaluation: EvalResult, merges: dict[str, Path]) -> tup
     ens = evaluation.ensemble
     if ens is not None:
         names = {**labels, **{k: f"LoRA {k}" for k in ens.members}}
-        dist = [r for r in distance_table(ens, names)]
+        dist = distance_table(ens, names)
         md += [f"## Distance to the {ens.label}", "",
                "How close each model is to the output ensemble of the adapters it was merged from (the "
                "language-model analogue of the paper's distance to the mean-field limit, Figure 1): "
                "agreement of the predictions in %, mean KL(ensemble ‖ model) in nats (0 = the same "
                f"distributions). The members disagree with each other on "
                f"{100 * ens.disagreement['average']:.2f} % of the questions (mean over pairs).", "",
-               markdown_table(list(dist[0]) if dist else ["Model"], dist, floatfmt=".4f"), ""]
+               markdown_table(DISTANCE_COLUMNS, dist, floatfmt=".4f"), ""]
     return md, rows
 
 

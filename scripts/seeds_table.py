@@ -20,6 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
+from eval_harness.summary import DISTANCE_COLUMNS
 from poc_lora.outputs import atomic_write_text, write_json
 from poc_lora.report import markdown_table
 
@@ -49,10 +50,10 @@ def _per_method(rep: dict) -> dict[str, dict[str, float | None]]:
         if method == "LoRA (ave.)" and members:
             d = {k: statistics.mean(m[k] for m in members) for k in members[0] if k != "Model"}
         c = cal.get(method, {})
-        values = list((d or {}).values())[-2:] if d else [None, None]
+        _, agreement, kl = DISTANCE_COLUMNS
+        own = d is not None and not method.startswith("LoRA ensemble")
         out[method] = {"acc": row[avg], "acc_norm": norm.get(method), "NLL": c.get("NLL"), "ECE": c.get("ECE"),
-                       "agreement": None if method.startswith("LoRA ensemble") else values[0],
-                       "KL": None if method.startswith("LoRA ensemble") else values[1]}
+                       "agreement": d[agreement] if own else None, "KL": d[kl] if own else None}
     return out
 
 
