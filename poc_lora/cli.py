@@ -1,7 +1,7 @@
 """``poc-lora``: a thin argparse front end over the library.
 
 One ``_<command>_parser`` function declares each subcommand's options and config keys (one
-grammar: ``--key value`` / ``--section.key value``, see :data:`poc_lora.config.GRAMMAR`) and one
+grammar: ``--key value`` / ``--section.key value``, see :data:`poc_lora.keyparser.GRAMMAR`) and one
 ``_run_<command>`` function calls the library; no logic lives here. User errors
 (:class:`~poc_lora.errors.PocLoraError`) print ``error: <message>`` and exit 1.
 Heavy imports (torch, transformers) happen inside the handlers so ``--help`` is instant.
@@ -18,10 +18,10 @@ import warnings
 from typing import Callable, Sequence
 
 from . import __version__
-from .config import (CONFIG_FILE, DATA_ORDERS, GRAMMAR, SECTIONS, STRATEGIES, TRAIN_SECTIONS, EvalArguments,
-                     KeyParser, MergeArguments, ModelArguments, PipelineArguments, load_config, normalize_argv,
-                     section_class)
+from .config import (CONFIG_FILE, DATA_ORDERS, SECTIONS, STRATEGIES, TRAIN_SECTIONS, EvalArguments, MergeArguments,
+                     ModelArguments, PipelineArguments, load_config, section_class)
 from .errors import ConfigError, PocLoraError
+from .keyparser import GRAMMAR, KeyParser, normalize_argv, read_yaml
 from .runtime import configure_threads, quiet_hub_kernel_notices
 from .merge.methods import method_names, methods_help
 
@@ -153,7 +153,7 @@ MERGE_KEYS = ("rank", "seed", "density", "majority_sign_method", "exact_svd", "s
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> object:
     """Arguments of ``poc-lora merge`` (own options + the merge section's keys), added to ``p``;
-    shared with ``scripts/merge_adapters.py``. Returns the :class:`~poc_lora.config.KeyParser`;
+    shared with ``scripts/merge_adapters.py``. Returns the :class:`~poc_lora.keyparser.KeyParser`;
     :func:`merge_namespace` turns a parse into what ``main_merge`` takes."""
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
                    help="PEFT LoRA adapter directories, or one directory holding several")
@@ -280,7 +280,7 @@ def _mfnn_parser(prog: str | None = None) -> tuple[argparse.ArgumentParser, obje
 
 
 def _run_mfnn(args: argparse.Namespace, sections: dict[str, dict]) -> int:
-    from .mfnn.config import read_yaml, with_overrides
+    from .mfnn.config import with_overrides
     from .mfnn.experiments import main_mfnn
 
     experiment = {"figure2": "figure2", "table2": "lambda_grid"}.get(args.experiment)

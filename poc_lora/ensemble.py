@@ -59,7 +59,8 @@ import torch
 from torch.distributed import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
-from .batched import check_data_order, train_batched
+from .batched import train_batched
+from .batched_model import check_data_order
 from .cards import add_ensemble_section
 from .config import STRATEGIES, TrainConfig, load_config
 from .data.instructions import resolve_data_path

@@ -49,8 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import architecture_config
-from .batched import BatchedLoraModel, _member_lora
-from .config import TrainConfig, load_config, read_yaml, train_key_parser
+from .batched_model import BatchedLoraModel, member_lora
+from .config import TrainConfig, load_config, train_key_parser
+from .keyparser import read_yaml
 from .ensemble import member_configs
 from .errors import ConfigError
 from .memtrace import StorageTracker, saved_tensor_bytes
@@ -189,7 +190,7 @@ def lora_model(recipe: Recipe, base: nn.Module, members: int, data_order: str, c
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         configs = [_attachable(m) for m in member_configs(cfg, members, data_order)]
-        model = BatchedLoraModel(base, [_member_lora(base, m) for m in configs], data_order)
+        model = BatchedLoraModel(base, [member_lora(base, m) for m in configs], data_order)
         model.to(base.device)  # the members' scaling buffers are made on the CPU
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

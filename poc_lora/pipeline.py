@@ -43,7 +43,8 @@ from eval_harness.runner import evaluate
 from eval_harness.suites import SUITES
 
 from .cards import add_evaluation_cards
-from .config import TRAIN_SECTIONS, KeyParser, _RaisingParser, load_config, read_yaml, section_class
+from .config import TRAIN_SECTIONS, load_config, section_class
+from .keyparser import KeyParser, RaisingArgumentParser, read_yaml
 from .data.instructions import synthetic_test_dir, validation_data_dir
 from .data.synthetic import SYNTHETIC_DATA
 from .ensemble import train_ensemble
@@ -90,7 +91,7 @@ def check_overrides(argv: Sequence[str]) -> None:
 def pipeline_key_parser(parser: argparse.ArgumentParser | None = None) -> Any:
     """The keys of ``poc-lora pipeline`` (pipeline, merge, eval, then the training sections) on
     ``parser`` (default: one whose errors are ConfigErrors)."""
-    parser = parser if parser is not None else _RaisingParser(prog="poc-lora pipeline", add_help=False,
+    parser = parser if parser is not None else RaisingArgumentParser(prog="poc-lora pipeline", add_help=False,
                                                               allow_abbrev=False)
     sections = [(name, section_class(name), only) for name, only in PIPELINE_SECTIONS]
     return KeyParser(parser, sections + [(name, section_class(name), None) for name in TRAIN_SECTIONS],

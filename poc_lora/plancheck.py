@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .batched import MemberOptimizers
+from .batched_model import MemberOptimizers
 from .memtrace import allocator_peak, storage_bytes
 from .optim import NoisyAdamW
 from .metatrace import Recipe, lora_model

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from poc_lora.config import read_yaml
+from poc_lora.keyparser import read_yaml
 from poc_lora.mfnn.config import resolve_settings
 from poc_lora.mfnn.experiments import _data, run_table2
 from poc_lora.outputs import atomic_write_text

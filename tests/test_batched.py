@@ -380,13 +380,13 @@ def test_first_adapted_layer():
 def test_shared_trunk_runs_the_layers_below_once_and_changes_no_loss():
     """Layer 0 (below the adapted layer 1) sees b rows, layer 1 sees M * b; the members' losses
     equal those of the same model run on the batch repeated M times (no sharing)."""
-    from poc_lora.batched import BatchedLoraModel, _member_lora
+    from poc_lora.batched_model import BatchedLoraModel, member_lora
     from poc_lora.ensemble import member_configs
     from poc_lora.models import load_model
 
     cfg = load_config(TINY, [*SMALL, "--output_dir", "unused"])
     base = load_model("poc-lora/tiny-llama", "float32")
-    loras = [_member_lora(base, m) for m in member_configs(cfg, M, "shared")]
+    loras = [member_lora(base, m) for m in member_configs(cfg, M, "shared")]
     with torch.no_grad():  # members that differ from the start (B is 0 at init)
         for j, lora in enumerate(loras):
             for _, b in lora.factors.values():

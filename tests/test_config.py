@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from poc_lora.config import PAPER_TARGET_MODULES, load_config, read_yaml, valid_keys
+from poc_lora.config import PAPER_TARGET_MODULES, load_config, valid_keys
+from poc_lora.keyparser import read_yaml
 from poc_lora.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"

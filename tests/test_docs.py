@@ -14,7 +14,8 @@ import pytest
 
 from poc_lora.citation import BIBTEX
 from poc_lora.cli import main
-from poc_lora.config import GRAMMAR, EvalArguments
+from poc_lora.config import EvalArguments
+from poc_lora.keyparser import GRAMMAR
 from poc_lora.merge.methods import method_names
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ import os
 from typing import Any, Mapping
 
 
-from ..config import read_yaml
+from ..keyparser import read_yaml
 from ..errors import ConfigError
 from .data import double_circle, multi_index
 from .mfld import LOSSES, ORDERS

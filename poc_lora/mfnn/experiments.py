@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ..config import read_yaml
+from ..keyparser import read_yaml
 from ..errors import ConfigError, OutputError
 from ..outputs import atomic_write_text, check_output_path, write_json
 from ..report import csv_table, markdown_table, plot_heatmap, plot_lines
