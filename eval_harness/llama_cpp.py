@@ -48,6 +48,7 @@ from poc_lora.merge.gguf_export import TEMPLATE_KEY
 from poc_lora.models import load_tokenizer
 from poc_lora.outputs import sha256_file
 
+from .loading import DEFAULT_TEMPLATE, ModelSpec, _safe_name, unique_keys
 from .scoring import _report_truncated, _Split, fit_context
 
 logger = logging.getLogger(__name__)
@@ -150,29 +151,29 @@ class LlamaCppModel:
         return out
 
 
-def _adapter_template(path: Path, fallback: str | None, default: str) -> tuple[Any, str]:
+def _adapter_template(path: Path, fallback: str | None) -> tuple[Any, str]:
     record = _read_fields(path).get(TEMPLATE_KEY)
     if record:
         try:
             return get_template(json.loads(record)["prompt_template"]), f"{path}:{TEMPLATE_KEY}"
         except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
             raise AdapterError(f"{path}: cannot use its {TEMPLATE_KEY}: {exc}") from None
-    return get_template(fallback or default), "--template" if fallback else "default"
+    return get_template(fallback or DEFAULT_TEMPLATE), "--template" if fallback else "default"
 
 
 def gguf_model_specs(base_model: str, adapters: Sequence[str | Path], merged: Sequence[str | Path],
-                     template: str | None, include_base: bool | None, spec_class: type, safe_name: Callable[[str], str],
-                     default_template: str) -> list[Any]:
+                     template: str | None, include_base: bool | None) -> list[ModelSpec]:
     """The runner's model list for GGUF files: the base (``include_base``, or no adapter given)
-    and every LoRA GGUF, each checked to be a llama.cpp LoRA adapter before anything loads.
+    and every LoRA GGUF, each checked to be a llama.cpp LoRA adapter before anything loads; keys
+    unique as the transformers engine's (:func:`~eval_harness.loading.unique_keys`).
 
     Raises:
         AdapterError: an adapter path is missing, not a GGUF file, or not a LoRA adapter GGUF.
     """
     specs = []
     if include_base or (include_base is None and not adapters and not merged):
-        specs.append(spec_class(safe_name(Path(base_model).stem), "base", None, get_template(template or default_template),
-                                "--template" if template else "default"))
+        specs.append(ModelSpec(_safe_name(Path(base_model).stem), "base", None,
+                               get_template(template or DEFAULT_TEMPLATE), "--template" if template else "default"))
     for kind, paths in (("adapter", adapters), ("merged", merged)):
         for p in map(Path, paths):
             if not p.is_file():
@@ -182,9 +183,9 @@ def gguf_model_specs(base_model: str, adapters: Sequence[str | Path], merged: Se
             if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
                 raise AdapterError(f"{p} is not a llama.cpp LoRA adapter (general.type={fields.get('general.type')!r}, "
                                    f"adapter.type={fields.get('adapter.type')!r}); write one with poc-lora export")
-            tpl, source = _adapter_template(p, template, default_template)
-            specs.append(spec_class(safe_name(p.stem), kind, p, tpl, source, sha256_file(p)))
-    return specs
+            tpl, source = _adapter_template(p, template)
+            specs.append(ModelSpec(_safe_name(p.stem), kind, p, tpl, source, sha256_file(p)))
+    return unique_keys(specs)
 
 
 class LlamaCppHolder:

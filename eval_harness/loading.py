@@ -102,8 +102,15 @@ def _model_specs(base_model: str, adapters: Sequence[str | Path], merged: Sequen
             _check_weights(path)
             tpl, source = _adapter_template(path, template)
             specs.append(ModelSpec(_safe_name(path.name), kind, path, tpl, source, _weights_sha256(path)))
+    return unique_keys(specs)
+
+
+def unique_keys(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """``specs`` with every key made unique in place (``a0/adapter``, ``a1/adapter`` -> ``adapter``,
+    ``adapter-2``): each key is an output directory, so two models of one name would overwrite
+    each other's results."""
     seen: dict[str, int] = {}
-    for spec in specs:  # unique keys: a0/adapter, a1/adapter -> adapter, adapter-2
+    for spec in specs:
         seen[spec.key] = seen.get(spec.key, 0) + 1
         if seen[spec.key] > 1:
             spec.key = f"{spec.key}-{seen[spec.key]}"

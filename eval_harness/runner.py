@@ -52,7 +52,7 @@ from poc_lora.report import markdown_table, write_table
 
 from .choice import choice_predictions, choice_request
 from .data import AVAILABLE, available_suites, load_suite, suite_file
-from .loading import DEFAULT_TEMPLATE, ModelSpec, _ModelHolder, _model_specs, _safe_name
+from .loading import DEFAULT_TEMPLATE, ModelSpec, _ModelHolder, _model_specs
 from .results import EvalResult, ModelResult, SuiteResult
 from .summary import (CALIBRATION_COLUMNS, DISTANCE_COLUMNS, add_ensemble, calibration_table, distance_table, model_result,
                       results_table, write_pair)
@@ -300,8 +300,7 @@ def evaluate(
     if engine == "llama.cpp":  # GGUF files scored by llama.cpp (same requests and scoring code)
         from . import llama_cpp
         holder: Any = llama_cpp.LlamaCppHolder(base_model, tokenizer, mode)
-        specs = llama_cpp.gguf_model_specs(base_model, adapters, merged_adapters, template, include_base, ModelSpec,
-                                           _safe_name, DEFAULT_TEMPLATE)
+        specs = llama_cpp.gguf_model_specs(base_model, adapters, merged_adapters, template, include_base)
         opts["engine"] = engine
     elif engine != "transformers":
         raise ConfigError(f"unknown engine {engine!r}; valid: transformers, llama.cpp")

@@ -420,6 +420,22 @@ def test_eval_engine_llama_cpp_refuses_generate_and_adapter_directories(tiny, tm
                  mode="rank", engine="llama.cpp", tokenizer=str(tiny["dir"]))
 
 
+def test_gguf_model_keys_are_unique_like_the_transformers_engines(tiny, tmp_path):
+    """Two LoRA GGUF files of one name in different folders: each key is an output directory, so
+    the second must not take the first's (needs only the gguf package, not llama.cpp)."""
+    import shutil
+
+    from eval_harness.llama_cpp import gguf_model_specs
+
+    copies = []
+    for folder in ("run1", "run2"):
+        (tmp_path / folder).mkdir()
+        copies.append(shutil.copy(tiny["ggufs"]["poc"], tmp_path / folder / "poc.gguf"))
+    specs = gguf_model_specs(str(tiny["gguf"]), [tiny["ggufs"]["single"]], copies, None, True)
+    assert [s.key for s in specs] == ["tiny.f32", "single", "poc", "poc-2"]
+    assert [s.adapter for s in specs[2:]] == [Path(c) for c in copies]
+
+
 # ------------------------------------------------------------------ SmolLM2 (the real base)
 def dequantized_gguf(src: Path, out: Path) -> Path:
     """``src`` with every tensor dequantized to float32 (gguf-py's dequantizer, the one transformers'
