@@ -224,7 +224,7 @@ class MergeReport(_ByKey):
 
     def summary(self) -> str:
         """A few lines for people (the CLI prints them)."""
-        o = self.overall
+        o, method = self.overall, get_method(self.method)
         ranks = sorted(set(self.output_ranks.values()))
         lines = [
             f"merged {len(self.inputs)} adapters with method={self.method} into {self.output}",
@@ -238,14 +238,15 @@ class MergeReport(_ByKey):
             f"  ||dW_j||_F: {', '.join(f'{n:.4g}' for n in o.norm_dW)}; ||dW_merged||_F: {o.norm_merged:.4g}",
             f"  spread (mean pairwise relative distance, 0 = identical, 1 = orthogonal): {o.spread:.3f}",
         ]
-        if not get_method(self.method).exact or o.rel_error > 0:
+        if not method.exact or o.rel_error > 0:
             lines.append(f"  relative error of the written update vs the exact merge: {o.rel_error:.4g}")
         if o.truncation_error > 0:
             lines.append(f"  relative error of the rank truncation (SVD): {o.truncation_error:.4g}")
-        ratios = [st.extra["t"] for st in self.modules.values() if "t" in st.extra]
-        if ratios:  # Model Stock
-            lines.append(f"  Model Stock ratio t per module: mean {sum(ratios) / len(ratios):.4g}, "
-                         f"range {min(ratios):.4g} to {max(ratios):.4g}")
+        for key, what in method.summary_extras:  # the method's own per-module numbers (Model Stock's t)
+            values = [st.extra[key] for st in self.modules.values() if st.extra.get(key) is not None]
+            if values:
+                lines.append(f"  {what}: mean {sum(values) / len(values):.4g}, "
+                             f"range {min(values):.4g} to {max(values):.4g}")
         if self.written_rank is not None:
             serve = (f"vLLM: --max-lora-rank {self.vllm_max_lora_rank}" if self.vllm_max_lora_rank is not None
                      else "vLLM cannot load it (rank > 512; see the warning)")

@@ -182,7 +182,8 @@ class MergeMethod:
     min(out, in) rather than sum_j r_j. ``positive_weights``: it needs every w_j > 0 (a sign
     election over weighted updates means nothing otherwise). ``peft_equivalent``: the
     ``combination_type`` of PEFT's ``add_weighted_adapter`` that computes the same update, with
-    its conditions, or "none".
+    its conditions, or "none". ``summary_extras``: ``(key, description)`` of the numbers in
+    :attr:`Factors.extra` that the merge summary shows as a mean and range over the modules.
     """
 
     name: str
@@ -201,6 +202,7 @@ class MergeMethod:
     dense: bool = False
     positive_weights: bool = False
     peft_equivalent: str = "none"
+    summary_extras: tuple[tuple[str, str], ...] = field(default=())
 
     def row_label(self, rank: int | str | None = None, **params: object) -> str:
         """The report row of this method; ``rank`` is the written adapter's rank, ``params`` its

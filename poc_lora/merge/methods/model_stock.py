@@ -110,4 +110,5 @@ METHOD = register(MergeMethod(
               "written exactly as the PoC concatenation with B scaled by t; a baseline, NOT the paper's method",
     title="Model Stock merge",
     tags=("model-stock",),
+    summary_extras=(("t", "Model Stock ratio t per module"),),
 ))
