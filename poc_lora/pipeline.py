@@ -52,7 +52,7 @@ from .errors import ConfigError, OutputError
 from .merge import merge_adapters
 from .mfnn.experiments import run_figure1
 from .models import TINY_MODEL_ID
-from .pipeline_report import PipelineReport, _adapter_rank, _label, chance_levels, write_report  # noqa: F401 (re-exported)
+from .pipeline_report import PipelineReport, _adapter_rank, write_report
 from .report import markdown_table
 from .stages import changed_settings, clear_stage, is_current, stage_hash, write_stage
 from .runtime import release_memory

@@ -37,7 +37,7 @@ from eval_harness import evaluate
 from eval_harness.suites import SUITES
 from poc_lora.config import CHOICE_FORMATS, TrainConfig, load_config
 from poc_lora.data.instructions import SYNTHETIC_KINDS, resolve_data_path, synthetic_test_dir, validation_data_dir
-from poc_lora.pipeline import chance_levels
+from poc_lora.pipeline_report import chance_levels
 from poc_lora.errors import ConfigError, PocLoraError
 from poc_lora.outputs import atomic_write_text, write_json
 from poc_lora.report import markdown_table, plot_lines

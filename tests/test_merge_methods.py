@@ -136,7 +136,8 @@ def mean_method():
 
 
 def test_a_registered_method_reaches_cli_validation_labels_and_card(mean_method, tmp_path, capsys):
-    from poc_lora.pipeline import PipelineConfig, _label
+    from poc_lora.pipeline import PipelineConfig
+    from poc_lora.pipeline_report import _label
 
     base = make_base(num_hidden_layers=1)
     dirs = [make_adapter(tmp_path / f"a{j}", base, 50 + j, r=2 + j, lora_alpha=3, target_modules=["q_proj", "v_proj"])
@@ -170,7 +171,8 @@ BASELINES = {"ties": "TIES (density 0.3), rank 2", "dare_linear": "DARE linear (
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_the_baselines_reach_cli_validation_report_card_and_pipeline_labels(name, tmp_path, capsys):
-    from poc_lora.pipeline import PipelineConfig, _label
+    from poc_lora.pipeline import PipelineConfig
+    from poc_lora.pipeline_report import _label
 
     base = make_base(num_hidden_layers=1)
     dirs = [make_adapter(tmp_path / f"a{j}", base, 70 + j, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
