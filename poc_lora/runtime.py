@@ -128,7 +128,7 @@ def resolve_bf16(value: Any, use_cpu: bool = False) -> bool:
     return bool(value)
 
 
-def release_memory() -> bool:
+def release_memory(collect_garbage: bool = True) -> bool:
     """Give the memory freed by the last stage back to the operating system; True if it could.
 
     A long CPU run (training, then evaluation in the same process) frees GBs of activations,
@@ -137,12 +137,14 @@ def release_memory() -> bool:
     the larger one. ``malloc_trim(0)`` returns the free pages; it costs milliseconds, unlike
     a low ``MALLOC_MMAP_THRESHOLD_``, which returns them after every tensor but slowed the SmolLM2
     recipe by half (docs/troubleshooting.md). Elsewhere (musl, macOS, Windows) it only collects
-    garbage and returns False.
+    garbage and returns False. ``collect_garbage=False`` skips ``gc.collect()`` for callers in a
+    loop whose tensors are freed by reference counting (the merge, after every module).
     """
     import ctypes
     import gc
 
-    gc.collect()
+    if collect_garbage:
+        gc.collect()
     if not sys.platform.startswith("linux"):
         return False
     try:

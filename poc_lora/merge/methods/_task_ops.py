@@ -47,14 +47,11 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from ...runtime import available_cores
+from ...runtime import available_cores, release_memory
 from . import Factors, LoraStack
 from ._lowrank import factorise
 
@@ -224,29 +221,6 @@ def disjoint_mean(t: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor) ->
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _libc_malloc_trim():
-    """glibc's ``malloc_trim``, or None (another C library, or none found)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc only; a no-op elsewhere).
-
-    The full updates are tens to hundreds of MB each and freed after every module. glibc raises
-    its mmap threshold to the size of the last freed mapping, so from the second module on they
-    come from the heap, whose holes were not reused: the peak RSS grew with the number of layers
-    (``scripts/bench_merge.py``, 3 adapters, hidden 1024: 343 MiB for one layer, 392-466 MiB for
-    two; 336 MiB with a fixed threshold). Trimming after each module keeps it flat.
-    """
-    trim_fn = _libc_malloc_trim()
-    if trim_fn is not None:
-        trim_fn(0)
-
-
 def _reference_update(stack: LoraStack, generator: torch.Generator | None, sparsify: str, density: float,
                       elect: bool, majority_sign_method: str) -> torch.Tensor:
     """The merged update from the M full updates at once (the ``exact_svd`` path)."""
@@ -340,7 +314,11 @@ def dense_merge(stack: LoraStack, rank: int, generator: torch.Generator | None, 
     merged = build(stack, generator, sparsify, density, elect, majority_sign_method)
     low = factorise(merged, int(rank), exact=exact_svd)
     del merged
-    release_freed_memory()
+    # The full updates (tens to hundreds of MB) are freed after every module; glibc raises its mmap
+    # threshold to the last freed mapping's size, so later ones come from a heap whose holes were not
+    # reused and the peak RSS grew with the layers (bench_merge.py, 3 adapters, hidden 1024: 343 MiB
+    # for one layer, 392-466 MiB for two). Trimming after each module keeps it flat.
+    release_memory(collect_garbage=False)
     extra = {"svd": "exact" if low.optimal_err_sq is not None else "randomized", "truncation_sq": low.err_sq}
     if low.optimal_err_sq is not None:
         extra["truncation_sq_optimum"] = low.optimal_err_sq
@@ -348,4 +326,4 @@ def dense_merge(stack: LoraStack, rank: int, generator: torch.Generator | None, 
 
 
 __all__ = ["BLOCK_ENTRIES", "dare_drop", "dense_merge", "disjoint_mean", "elect_sign", "keep_at_least", "kth_largest",
-           "magnitude_threshold", "release_freed_memory", "stack_updates", "trim"]
+           "magnitude_threshold", "stack_updates", "trim"]
