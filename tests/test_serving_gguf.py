@@ -190,6 +190,16 @@ def test_cli_export_writes_and_refuses_overwrite(small, tmp_path, capsys):
     assert "FILE.gguf" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.parametrize("into_base", [False, True])
+def test_export_without_the_gguf_package_is_a_clear_error(small, tmp_path, capsys, monkeypatch, into_base):
+    _, root, ads = small
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    args = ["export", str(ads["plain"]), "--format", "gguf", "--output", str(tmp_path / "a.gguf"),
+            "--base_model", str(root / "base"), *(["--merge_into_base"] if into_base else [])]
+    assert main(args) == 1
+    assert "needs the gguf package" in capsys.readouterr().err and not (tmp_path / "a.gguf").exists()
+
+
 # ------------------------------------------------------------------ inside llama.cpp itself
 def write_llama_gguf(model_dir: Path, out: Path) -> Path:
     """A Hugging Face Llama directory as a float32 llama.cpp GGUF: llama.cpp's tensor names and

@@ -191,6 +191,15 @@ def lora_tensors(ad: Adapter, shape: BaseShape) -> list[tuple[str, torch.Tensor,
     return out
 
 
+def _import_gguf() -> Any:
+    """The ``gguf`` package, or a ConfigError saying how to install it (both exports need it)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError("GGUF export needs the gguf package: pip install -e .[gguf] (or pip install gguf)") from None
+    return gguf
+
+
 def _write_gguf(writer: Any) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -245,8 +254,7 @@ def export_merged_gguf(adapter_dir: str | os.PathLike, output: str | os.PathLike
     Example:
         >>> export_merged_gguf("runs/merged", "merged-model.gguf", outtype="q8_0")  # doctest: +SKIP
     """
-    import gguf
-
+    gguf = _import_gguf()
     if outtype not in OUTTYPES:
         raise ConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     output = check_output_path(output, overwrite)
@@ -308,10 +316,7 @@ def export_gguf(adapter_dir: str | os.PathLike, output: str | os.PathLike, *, ou
     Example:
         >>> export_gguf("runs/merged", "merged.gguf", base_model="poc-lora/tiny-llama")  # doctest: +SKIP
     """
-    try:
-        import gguf
-    except ImportError:
-        raise ConfigError("GGUF export needs the gguf package: pip install gguf") from None
+    gguf = _import_gguf()
     if outtype not in OUTTYPES:
         raise ConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     output = check_output_path(output, overwrite)
