@@ -57,7 +57,7 @@ from .errors import ConfigError
 from .memtrace import StorageTracker, saved_tensor_bytes
 from .models import torch_dtype
 from .runtime import resolve_bf16
-from .train import _checkpointing_kwargs, attach_lora
+from .train import attach_lora, checkpointing_kwargs
 PAPER_NUM_ADAPTERS = 8  # M in arXiv:2502.05784's Llama experiments
 NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256
 
@@ -182,7 +182,7 @@ def lora_model(recipe: Recipe, base: nn.Module, members: int, data_order: str, c
     """
     cfg = recipe.cfg
     check_recipe(base, cfg, num_layers)
-    kwargs = _checkpointing_kwargs(cfg) or None
+    kwargs = checkpointing_kwargs(cfg) or None
     rows = cfg.training.per_device_train_batch_size
     if members == 1:
         model = attach_lora(base, _attachable(cfg))

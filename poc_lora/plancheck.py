@@ -26,7 +26,7 @@ from .batched_model import MemberOptimizers
 from .memtrace import allocator_peak, storage_bytes
 from .optim import NoisyAdamW
 from .metatrace import Recipe, lora_model
-from .train import _checkpointing, load_base_model
+from .train import load_base_model, uses_checkpointing
 from .trainer import noisy_adamw_kwargs, noisy_param_groups
 
 
@@ -62,7 +62,7 @@ def measure_step(recipe: Recipe, members: int = 1, data_order: str = "per_member
     cfg = recipe.cfg
     torch.manual_seed(seed)
     base = load_base_model(cfg)
-    model, _, rows = lora_model(recipe, base, members, data_order, _checkpointing(cfg))
+    model, _, rows = lora_model(recipe, base, members, data_order, uses_checkpointing(cfg))
     optimizer = _optimizer(model, recipe, members)
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (rows, cfg.data.cutoff_len), generator=torch.Generator().manual_seed(seed))

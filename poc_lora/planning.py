@@ -37,7 +37,7 @@ from .data.synthetic import SYNTHETIC_KINDS
 from .errors import ConfigError
 from .metatrace import LoraSizes, Recipe, StepTrace, stored_dtype, load_recipe, trace_recipe
 from .optim import NOISE_CHUNK_NUMEL
-from .train import _checkpointing
+from .train import uses_checkpointing
 
 GIB = 2**30
 CUDA_RESERVE_GIB = 1.0  # CUDA context and allocator slack: on the GPU, not in torch's allocated bytes
@@ -226,7 +226,7 @@ def plan_recipe(config: str | os.PathLike | Recipe, num_adapters: int | None = N
         raise ConfigError(f"gpus must be >= 1, got {gpus}")
     arch = architecture_config(cfg.model.model_name_or_path)
     stored = stored_dtype(cfg, arch)
-    ckpt = _checkpointing(cfg)
+    ckpt = uses_checkpointing(cfg)
     records = train_records(cfg)
     per_epoch, per_member = _steps(cfg, records)
     accumulation = cfg.training.gradient_accumulation_steps

@@ -227,19 +227,20 @@ def load_base_model(cfg: TrainConfig) -> Any:
     )
     if quantized:
         # casts norms to fp32 and makes the inputs require grad, so checkpointed layers backprop
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(cfg))
-    elif _checkpointing(cfg) and reentrant_checkpointing(_checkpointing_kwargs(cfg)):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=uses_checkpointing(cfg))
+    elif uses_checkpointing(cfg) and reentrant_checkpointing(checkpointing_kwargs(cfg)):
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     return model
 
 
-def _checkpointing(cfg: TrainConfig) -> bool:
+def uses_checkpointing(cfg: TrainConfig) -> bool:
+    """Whether the recipe asks for activation checkpointing (either of transformers' spellings)."""
     tr = cfg.training
     return bool(getattr(tr, "activation_checkpointing", False) or getattr(tr, "gradient_checkpointing", False))
 
 
-def _checkpointing_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+def checkpointing_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """The kwargs Trainer passes to ``torch.utils.checkpoint`` (without its own two keys)."""
     tr = cfg.training
     kwargs = getattr(tr, "activation_checkpointing_kwargs", None) or getattr(tr, "gradient_checkpointing_kwargs", None)
@@ -516,4 +517,4 @@ def main_train(config_path: str, overrides: Sequence[str]) -> int:
 
 __all__ = ["DONE_FILE", "attach_lora", "damage", "data_sha256", "tokenize_run", "train_settings", "is_complete", "last_checkpoint", "load_base_model", "lora_config",
            "load_checked_records", "main_train", "prepare_run", "run_training", "start_output", "train_adapter",
-           "training_record", "write_trained_adapter"]
+           "training_record", "uses_checkpointing", "checkpointing_kwargs", "write_trained_adapter"]
