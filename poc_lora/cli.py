@@ -65,8 +65,7 @@ _HELP = {
               "PoC merge: dW = sum_j w_j s_j B_j A_j (w_j = 1/M), written as one PEFT adapter of rank "
               "sum r_j, streaming and without loading the base model; baselines (soup, ties, dare_linear, "
               "dare_ties, model_stock) beside it. The output has one rank and scale 1 in every module, so PEFT, "
-              "vLLM and "
-              "llama.cpp read the same update; the summary names the vLLM --max-lora-rank it needs."),
+              "vLLM and llama.cpp read the same update; the summary names the vLLM --max-lora-rank it needs."),
     "eval": ("evaluate a base model with adapters on the commonsense suites",
              "Evaluate on the eight commonsense suites (LLM-Adapters layout) in the paper's generation "
              "mode or a fast log-likelihood ranking mode."),
