@@ -43,7 +43,7 @@ def _requirements(dist: metadata.Distribution, extras: set[str]) -> list[Require
 
 
 def pinned_versions() -> dict[str, str]:
-    """``{distribution name: installed version}`` of the dependency closure of poc-lora[dev,all].
+    """``{distribution name: installed version}`` of the dependency closure of poc-lora[dev,all,serve].
 
     Raises:
         SystemExit: when poc-lora or one of its requirements is not installed.
