@@ -191,13 +191,16 @@ def lora_tensors(ad: Adapter, shape: BaseShape) -> list[tuple[str, torch.Tensor,
     return out
 
 
-def _import_gguf() -> Any:
-    """The ``gguf`` package, or a ConfigError saying how to install it (both exports need it)."""
+def _checked_start(outtype: str, output: str | os.PathLike, overwrite: bool) -> tuple[Any, Path]:
+    """What both exports check first: the ``gguf`` package (a ConfigError saying how to install
+    it), ``outtype``, and that ``output`` may be written. Returns the package and the output path."""
     try:
         import gguf
     except ImportError:
         raise ConfigError("GGUF export needs the gguf package: pip install -e .[gguf] (or pip install gguf)") from None
-    return gguf
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    return gguf, check_output_path(output, overwrite)
 
 
 def _write_gguf(writer: Any) -> None:
@@ -254,10 +257,7 @@ def export_merged_gguf(adapter_dir: str | os.PathLike, output: str | os.PathLike
     Example:
         >>> export_merged_gguf("runs/merged", "merged-model.gguf", outtype="q8_0")  # doctest: +SKIP
     """
-    gguf = _import_gguf()
-    if outtype not in OUTTYPES:
-        raise ConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    output = check_output_path(output, overwrite)
+    gguf, output = _checked_start(outtype, output, overwrite)
     base = base_gguf_of(read_adapter_config(adapter_dir), base_model)
     reader = gguf.GGUFReader(base)
     ad = load_adapter(adapter_dir)
@@ -316,10 +316,7 @@ def export_gguf(adapter_dir: str | os.PathLike, output: str | os.PathLike, *, ou
     Example:
         >>> export_gguf("runs/merged", "merged.gguf", base_model="poc-lora/tiny-llama")  # doctest: +SKIP
     """
-    gguf = _import_gguf()
-    if outtype not in OUTTYPES:
-        raise ConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    output = check_output_path(output, overwrite)
+    gguf, output = _checked_start(outtype, output, overwrite)
     cfg = read_adapter_config(adapter_dir)
     base = base_model or cfg.get("base_model_name_or_path")
     if not base:
