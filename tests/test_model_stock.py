@@ -135,7 +135,8 @@ def test_model_stock_of_identical_adapters_writes_the_poc_file(tmp_path):
 
 
 def test_model_stock_is_a_pipeline_method_with_its_label(tmp_path):
-    from poc_lora.pipeline import PipelineConfig, _label
+    from poc_lora.pipeline import PipelineConfig
+    from poc_lora.pipeline_report import _label
 
     spec = get_method("model_stock")
     assert not spec.needs_rank and not spec.uses_seed and not spec.exact
